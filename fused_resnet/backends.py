@@ -1,0 +1,131 @@
+"""Backend registry and selection: ``reference``, ``triton``, ``cuda`` and ``auto``.
+
+Every backend provides the four block functions of :mod:`fused_resnet.reference` with
+the same signatures. A block module asks :func:`select` for the backend that runs it:
+
+* an explicit backend that cannot run the block raises :class:`BackendUnavailableError`
+  saying which backend and why; it never silently runs another one;
+* ``auto`` takes the first backend of :data:`AUTO_ORDER` that can run the block and
+  warns once per distinct reason about each backend it skipped.
+
+Precedence: a module's own ``backend=`` wins; a module built with ``backend=None``
+follows the process-wide default, set by :func:`set_backend` or, for a ``with`` block,
+:func:`use_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+import warnings
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from fused_resnet import extension, reference
+
+BACKEND_NAMES = ("auto", "reference", "triton", "cuda")
+# Fastest first. A per-shape routing table measured on GPUs replaces this once the
+# kernels exist (see the benchmark issue).
+AUTO_ORDER = ("cuda", "triton", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this block; the message says why."""
+
+
+class Backend(NamedTuple):
+    name: str
+    # why_not(block, x) -> None when the backend can run ``block`` on ``x``, else the reason.
+    why_not: Callable[[nn.Module, torch.Tensor], Optional[str]]
+    # The four block functions, same signatures as fused_resnet.reference; None until the
+    # backend's kernels exist (its why_not then always gives a reason).
+    functions: Optional[types.ModuleType]
+
+
+def _reference_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
+    return None
+
+
+def _triton_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
+    return "the Triton block kernels are not implemented yet (issue #3)"
+
+
+def _cuda_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
+    load_error = extension.load_error()
+    if load_error is not None:
+        return f"the C++/CUDA extension fused_resnet._C is not available ({load_error})"
+    if x.device.type != "cuda":
+        return f"the input is on {x.device}, the cuda backend needs CUDA tensors"
+    return "the CUDA block kernels are not implemented yet (issue #4)"
+
+
+BACKENDS = {
+    "reference": Backend("reference", _reference_why_not, reference),
+    "triton": Backend("triton", _triton_why_not, None),
+    "cuda": Backend("cuda", _cuda_why_not, None),
+}
+
+_default_backend = "auto"
+_warned: set[str] = set()
+
+
+def check_backend_name(name: Optional[str], argument: str = "backend") -> None:
+    if name is not None and name not in BACKEND_NAMES:
+        raise ValueError(f"{argument}={name!r} is not a backend; expected one of "
+                         f"{', '.join(repr(n) for n in BACKEND_NAMES)} or None")
+
+
+def get_backend() -> str:
+    """The process-wide default backend used by modules built with ``backend=None``."""
+    return _default_backend
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend."""
+    global _default_backend
+    check_backend_name(name, "name")
+    if name is None:
+        raise ValueError("name=None is not a backend; expected one of " + ", ".join(BACKEND_NAMES))
+    _default_backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Use ``name`` as the default backend inside a ``with`` block, then restore the old one."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def select(block: nn.Module, x: torch.Tensor, requested: Optional[str]) -> Backend:
+    """The backend that runs ``block`` on ``x`` (see the module docstring for the rules)."""
+    name = requested or get_backend()
+    block_name = type(block).__name__
+    if name != "auto":
+        backend = BACKENDS[name]
+        reason = backend.why_not(block, x)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend={name!r} cannot run {block_name}: {reason}")
+        return backend
+    skipped = []
+    for candidate in AUTO_ORDER:
+        backend = BACKENDS[candidate]
+        reason = backend.why_not(block, x)
+        if reason is None:
+            if skipped:
+                _warn_once(f"fused_resnet: backend='auto' runs {block_name} on {candidate!r}; "
+                           + "; ".join(skipped))
+            return backend
+        skipped.append(f"{candidate!r} skipped: {reason}")
+    raise AssertionError("the reference backend runs every block")

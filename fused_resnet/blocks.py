@@ -1,0 +1,80 @@
+"""The four drop-in fused residual blocks.
+
+Each subclasses its plain counterpart in :mod:`fused_resnet.plain`, so constructor
+arguments, attribute names and ``state_dict`` keys are those of torchvision (post-
+activation) and timm ``resnetv2`` (pre-activation); only ``forward`` differs: it reads
+the parameters into the block function of the selected backend (see
+:mod:`fused_resnet.backends`). Every block takes one more keyword argument, ``backend``
+("auto", "reference", "triton", "cuda", or None to follow the process-wide default).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fused_resnet import backends, plain, structure
+
+
+class FusedBlockMixin:
+    """``forward`` and backend handling shared by the four fused blocks."""
+
+    spec: structure.BlockSpec
+    plain_class: type[nn.Module]
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        backends.check_backend_name(backend)
+        self.backend = backend
+        problem = structure.block_problem(self, self.spec)
+        if problem is not None:
+            raise ValueError(f"{type(self).__name__} cannot be fused: {problem}")
+
+    @property
+    def in_channels(self) -> int:
+        return getattr(self, self.spec.convs[0]).in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__}: expected input of shape "
+                             f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        backend = backends.select(self, x, self.backend)
+        block_function = getattr(backend.functions, self.spec.function)
+        return block_function(x, **structure.block_arguments(self, self.spec))
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class BasicBlock(FusedBlockMixin, plain.BasicBlock):
+    """Fused post-activation BasicBlock; arguments as torchvision's, plus ``backend``."""
+
+    spec = structure.BASIC
+    plain_class = plain.BasicBlock
+
+
+class Bottleneck(FusedBlockMixin, plain.Bottleneck):
+    """Fused post-activation Bottleneck v1.5; arguments as torchvision's, plus ``backend``."""
+
+    spec = structure.BOTTLENECK
+    plain_class = plain.Bottleneck
+
+
+class PreActBasicBlock(FusedBlockMixin, plain.PreActBasicBlock):
+    """Fused pre-activation BasicBlock; arguments as :class:`plain.PreActBasicBlock`."""
+
+    spec = structure.PRE_ACT_BASIC
+    plain_class = plain.PreActBasicBlock
+
+
+class PreActBottleneck(FusedBlockMixin, plain.PreActBottleneck):
+    """Fused pre-activation Bottleneck; arguments as :class:`plain.PreActBottleneck`."""
+
+    spec = structure.PRE_ACT_BOTTLENECK
+    plain_class = plain.PreActBottleneck
+
+
+FUSED_BLOCKS = {cls.spec: cls for cls in (BasicBlock, Bottleneck, PreActBasicBlock,
+                                          PreActBottleneck)}

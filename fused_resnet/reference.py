@@ -1,0 +1,185 @@
+"""The reference path: the math of the four residual blocks in plain PyTorch.
+
+Every backend is tested against these functions. They take tensors and the
+per-BatchNorm mode explicitly, so they are usable on any device, under autograd, and
+as the oracle in tests. BatchNorm follows ``nn.BatchNorm2d`` exactly: batch statistics
+with the biased variance when a layer is training (or has no running statistics), the
+running mean and the *unbiased* running variance updated with ``momentum`` (the
+cumulative average when ``momentum is None``), ``num_batches_tracked`` incremented once
+per call, running statistics in eval.
+
+Statistics and the normalization are computed in at least fp32 and the result is cast
+back to the input dtype, which is also what the fused kernels do (fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class BatchNormParams(NamedTuple):
+    """Parameters, buffers and mode of one BatchNorm layer, as ``nn.BatchNorm2d`` holds them."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    momentum: Optional[float]
+    eps: float
+    training: bool
+
+    @classmethod
+    def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> "BatchNormParams":
+        # The layer's own ``training`` flag, not its parent's: a frozen BN (bn.eval() inside a
+        # training model, as detection models do) must keep using running statistics.
+        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                   bn.num_batches_tracked, bn.momentum, bn.eps, bn.training)
+
+    @property
+    def uses_batch_stats(self) -> bool:
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+
+class Projection(NamedTuple):
+    """A 1x1 projection shortcut: the conv weight and, for post-activation blocks, its BN."""
+
+    weight: Tensor
+    bn: Optional[BatchNormParams]
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    return v.reshape(1, -1, 1, 1)
+
+
+def scale_shift_add_relu(x: Tensor, scale: Tensor, shift: Tensor,
+                         residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """``[relu](x * scale[c] + shift[c] [+ residual])`` for NCHW-shaped ``x``, fp32 math.
+
+    The reference of the extension op ``fused_resnet::scale_shift_add_relu`` and the
+    BN-apply step of every block.
+    """
+    acc = _accumulation_dtype(x.dtype)
+    y = x.to(acc) * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)
+
+
+def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over (N, H, W), in at least fp32."""
+    xf = x.to(_accumulation_dtype(x.dtype))
+    mean = xf.mean(dim=(0, 2, 3))
+    var = (xf - _per_channel(mean)).square().mean(dim=(0, 2, 3))
+    return mean, var
+
+
+def update_running_stats(bn: BatchNormParams, mean: Tensor, var: Tensor, count: int) -> None:
+    """In-place update of running mean, unbiased running variance and ``num_batches_tracked``."""
+    with torch.no_grad():
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked.item())
+        else:
+            factor = bn.momentum
+        unbiased_var = var.detach() * (count / (count - 1))
+        bn.running_mean.copy_(bn.running_mean * (1 - factor) + mean.detach() * factor)
+        bn.running_var.copy_(bn.running_var * (1 - factor) + unbiased_var * factor)
+
+
+def bn_scale_shift(mean: Tensor, var: Tensor, bn: BatchNormParams) -> tuple[Tensor, Tensor]:
+    """Fold normalization and the affine transform into one per-channel scale and shift."""
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(scale.dtype)
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(shift.dtype)
+    return scale, shift
+
+
+def batch_norm(x: Tensor, bn: BatchNormParams, relu: bool = False,
+               residual: Optional[Tensor] = None) -> Tensor:
+    """``[relu](batch_norm(x) [+ residual])`` with ``nn.BatchNorm2d`` semantics."""
+    if bn.uses_batch_stats:
+        count = x.numel() // x.shape[1]
+        if bn.training and count == 1:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {tuple(x.shape)}")
+        mean, var = batch_statistics(x)
+        if bn.training and bn.running_mean is not None:
+            update_running_stats(bn, mean, var, count)
+    else:
+        acc = _accumulation_dtype(x.dtype)
+        mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+    scale, shift = bn_scale_shift(mean, var, bn)
+    return scale_shift_add_relu(x, scale, shift, residual, relu)
+
+
+def conv(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
+    """Bias-free convolution with "same" zero padding (kernel // 2), as every ResNet conv."""
+    return F.conv2d(x, weight, stride=stride, padding=weight.shape[-1] // 2)
+
+
+def _post_act_shortcut(x: Tensor, shortcut: Optional[Projection], stride: int) -> Tensor:
+    if shortcut is None:
+        return x
+    return batch_norm(conv(x, shortcut.weight, stride), shortcut.bn)
+
+
+def basic_block(x: Tensor, conv1: Tensor, bn1: BatchNormParams, conv2: Tensor,
+                bn2: BatchNormParams, stride: int = 1,
+                shortcut: Optional[Projection] = None) -> Tensor:
+    """Post-activation BasicBlock: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
+    out = batch_norm(conv(x, conv1, stride), bn1, relu=True)
+    identity = _post_act_shortcut(x, shortcut, stride)
+    return batch_norm(conv(out, conv2), bn2, relu=True, residual=identity)
+
+
+def bottleneck(x: Tensor, conv1: Tensor, bn1: BatchNormParams, conv2: Tensor,
+               bn2: BatchNormParams, conv3: Tensor, bn3: BatchNormParams, stride: int = 1,
+               shortcut: Optional[Projection] = None) -> Tensor:
+    """Post-activation Bottleneck, torchvision v1.5 (the stride is on the 3x3 ``conv2``)."""
+    out = batch_norm(conv(x, conv1), bn1, relu=True)
+    out = batch_norm(conv(out, conv2, stride), bn2, relu=True)
+    identity = _post_act_shortcut(x, shortcut, stride)
+    return batch_norm(conv(out, conv3), bn3, relu=True, residual=identity)
+
+
+def _pre_act_shortcut(x: Tensor, x_preact: Tensor, shortcut: Optional[Projection],
+                      stride: int) -> Tensor:
+    # He et al. 2016: the projection takes the pre-activated input, identity takes x itself.
+    return x if shortcut is None else conv(x_preact, shortcut.weight, stride)
+
+
+def preact_basic_block(x: Tensor, norm1: BatchNormParams, conv1: Tensor,
+                       norm2: BatchNormParams, conv2: Tensor, stride: int = 1,
+                       shortcut: Optional[Projection] = None) -> Tensor:
+    """Pre-activation BasicBlock: ``conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut``."""
+    x_preact = batch_norm(x, norm1, relu=True)
+    out = conv(x_preact, conv1, stride)
+    out = conv(batch_norm(out, norm2, relu=True), conv2)
+    return out + _pre_act_shortcut(x, x_preact, shortcut, stride)
+
+
+def preact_bottleneck(x: Tensor, norm1: BatchNormParams, conv1: Tensor,
+                      norm2: BatchNormParams, conv2: Tensor, norm3: BatchNormParams,
+                      conv3: Tensor, stride: int = 1,
+                      shortcut: Optional[Projection] = None) -> Tensor:
+    """Pre-activation Bottleneck (stride on the 3x3 ``conv2``); the sum is not activated."""
+    x_preact = batch_norm(x, norm1, relu=True)
+    out = conv(x_preact, conv1)
+    out = conv(batch_norm(out, norm2, relu=True), conv2, stride)
+    out = conv(batch_norm(out, norm3, relu=True), conv3)
+    return out + _pre_act_shortcut(x, x_preact, shortcut, stride)
