@@ -71,10 +71,12 @@ _default_backend = "auto"
 _warned: set[str] = set()
 
 
-def check_backend_name(name: Optional[str], argument: str = "backend") -> None:
-    if name is not None and name not in BACKEND_NAMES:
-        raise ValueError(f"{argument}={name!r} is not a backend; expected one of "
-                         f"{', '.join(repr(n) for n in BACKEND_NAMES)} or None")
+def check_backend_name(name: Optional[str], argument: str = "backend",
+                       allow_none: bool = True) -> None:
+    if name in BACKEND_NAMES or (name is None and allow_none):
+        return
+    expected = ", ".join(repr(n) for n in BACKEND_NAMES) + (" or None" if allow_none else "")
+    raise ValueError(f"{argument}={name!r} is not a backend; expected one of {expected}")
 
 
 def get_backend() -> str:
@@ -85,9 +87,7 @@ def get_backend() -> str:
 def set_backend(name: str) -> None:
     """Set the process-wide default backend."""
     global _default_backend
-    check_backend_name(name, "name")
-    if name is None:
-        raise ValueError("name=None is not a backend; expected one of " + ", ".join(BACKEND_NAMES))
+    check_backend_name(name, "name", allow_none=False)
     _default_backend = name
 
 

@@ -1,0 +1,70 @@
+"""Helpers to check a fused model against PyTorch the way flash-attention does.
+
+Comparing two low-precision results to each other says little: a deep network amplifies
+rounding, so two correct fp32 implementations of ResNet-50 training can differ by 1e-2
+in early-layer gradients. Instead both are compared to an upcast (fp64) run of the same
+model, and the fused result must be within a small multiple of eager PyTorch's own error.
+The error of a tensor is the root-mean-square of its difference to fp64: the maximum
+difference of one element swings by several times between two correct implementations
+(seen on ResNet-50 fp32 gradients: ratios up to 6.7 for the maximum, 1.6 for the RMS).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+# How much more error than eager PyTorch (same dtype) a fused result may have.
+ERROR_FACTOR = 2.0
+
+
+def train_and_eval_step(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One training forward/backward and one eval forward; every tensor they produce.
+
+    Returns the outputs of both passes, every parameter's gradient and every buffer
+    (running statistics, ``num_batches_tracked``) afterwards, keyed by name.
+    """
+    model.train()
+    output = model(images)
+    output.float().square().mean().backward()
+    results = {"train output": output.detach()}
+    results.update({f"grad {name}": p.grad for name, p in model.named_parameters()})
+    results.update({f"buffer {name}": b for name, b in model.named_buffers()})
+    model.eval()
+    with torch.no_grad():
+        results["eval output"] = model(images)
+    return results
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).double()
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.double().square().mean().sqrt()) if t.numel() else 0.0
+
+
+def errors_beyond_eager(fused: dict[str, torch.Tensor], eager: dict[str, torch.Tensor],
+                        truth: dict[str, torch.Tensor],
+                        factor: float = ERROR_FACTOR) -> list[str]:
+    """The tensors whose fused error exceeds ``factor`` times eager's, with the figures.
+
+    ``truth`` holds the fp64 results. Integer tensors (``num_batches_tracked``) must be
+    equal. The floor of a few ulps of the tensor's RMS covers tensors that eager happens
+    to get exactly right.
+    """
+    failures = []
+    for name, reference in truth.items():
+        if not reference.is_floating_point():
+            if not torch.equal(fused[name], reference):
+                failures.append(f"{name}: {fused[name].tolist()} != {reference.tolist()}")
+            continue
+        floor = 4 * torch.finfo(eager[name].dtype).eps * max(1.0, _rms(reference))
+        fused_error = _rms(fused[name].double() - reference)
+        eager_error = _rms(eager[name].double() - reference)
+        if fused_error > factor * eager_error + floor:
+            failures.append(f"{name}: fused RMS error {fused_error:.3e} > {factor} x eager's "
+                            f"{eager_error:.3e} + {floor:.1e}")
+    return failures

@@ -1,0 +1,68 @@
+"""Block configurations and builders shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from fused_resnet import plain
+
+
+def randomize_batch_norms(module: nn.Module) -> nn.Module:
+    """Non-trivial affine parameters and running statistics, so that no BN is an identity."""
+    for bn in module.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                if bn.weight is not None:
+                    bn.weight.uniform_(0.5, 1.5)
+                    bn.bias.uniform_(-0.5, 0.5)
+                if bn.running_mean is not None:
+                    bn.running_mean.uniform_(-0.5, 0.5)
+                    bn.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def post_act_downsample(inplanes: int, outplanes: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False),
+                         nn.BatchNorm2d(outplanes))
+
+
+# (kind, in channels, width, stride, projection): odd channel counts, stride 2, projections.
+BLOCK_CASES = [
+    ("basic", 8, 8, 1, False),
+    ("basic", 5, 7, 2, True),
+    ("bottleneck", 12, 3, 1, False),   # 12 = 3 * expansion 4: identity shortcut
+    ("bottleneck", 6, 3, 2, True),
+    ("preact_basic", 6, 6, 1, False),
+    ("preact_basic", 5, 7, 2, True),
+    ("preact_bottleneck", 12, 12, 1, False),
+    ("preact_bottleneck", 5, 12, 2, True),
+]
+
+
+def case_id(case) -> str:
+    kind, cin, width, stride, projection = case
+    return f"{kind}-c{cin}-w{width}-s{stride}{'-proj' if projection else ''}"
+
+
+def build_plain(case) -> nn.Module:
+    """A plain block of ``case``; the fused tests convert a copy of it."""
+    kind, cin, width, stride, projection = case
+    if kind == "basic":
+        ds = post_act_downsample(cin, width, stride) if projection else None
+        block = plain.BasicBlock(cin, width, stride, ds)
+    elif kind == "bottleneck":
+        ds = post_act_downsample(cin, width * 4, stride) if projection else None
+        block = plain.Bottleneck(cin, width, stride, ds)
+    elif kind == "preact_basic":
+        block = plain.PreActBasicBlock(cin, width, stride=stride)
+    else:
+        block = plain.PreActBottleneck(cin, width, stride=stride)
+    assert (block.downsample is not None) == projection
+    return randomize_batch_norms(block)
+
+
+def clone(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module)

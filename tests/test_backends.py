@@ -1,0 +1,72 @@
+"""Backend selection: explicit backends, 'auto' with its one warning, the default."""
+
+import warnings
+
+import pytest
+import torch
+
+import fused_resnet
+from fused_resnet import backends
+
+
+@pytest.fixture
+def block():
+    return fused_resnet.BasicBlock(4, 4).eval()
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_backend():
+    previous = fused_resnet.get_backend()
+    backends._warned.clear()
+    yield
+    fused_resnet.set_backend(previous)
+
+
+def test_explicit_triton_is_refused_until_its_kernels_exist(block):
+    block.backend = "triton"
+    with pytest.raises(fused_resnet.BackendUnavailableError,
+                       match="backend='triton' cannot run BasicBlock: .*not implemented yet"):
+        block(torch.randn(2, 4, 3, 3))
+
+
+def test_explicit_cuda_says_why_it_cannot_run_a_cpu_tensor(block):
+    block.backend = "cuda"
+    with pytest.raises(fused_resnet.BackendUnavailableError, match="backend='cuda'"):
+        block(torch.randn(2, 4, 3, 3))
+
+
+def test_auto_falls_back_to_reference_with_one_warning_naming_the_reasons(block):
+    x = torch.randn(2, 4, 3, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = block(x)
+        block(x)
+    messages = [str(w.message) for w in caught if "fused_resnet" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "'reference'" in messages[0] and "'triton' skipped" in messages[0]
+    block.backend = "reference"
+    torch.testing.assert_close(out, block(x))
+
+
+def test_module_follows_the_default_and_its_own_choice_wins(block):
+    x = torch.randn(2, 4, 3, 3)
+    with fused_resnet.use_backend("triton"):
+        assert fused_resnet.get_backend() == "triton"
+        with pytest.raises(fused_resnet.BackendUnavailableError):
+            block(x)
+        block.backend = "reference"
+        block(x)
+    assert fused_resnet.get_backend() == "auto"
+
+
+def test_use_backend_restores_the_default_after_an_error():
+    with pytest.raises(KeyError):
+        with fused_resnet.use_backend("reference"):
+            raise KeyError
+    assert fused_resnet.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("name", ["cudnn", None, ""])
+def test_unknown_backend_names_are_rejected(name):
+    with pytest.raises(ValueError, match="expected one of 'auto', 'reference'"):
+        fused_resnet.set_backend(name)
