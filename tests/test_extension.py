@@ -1,0 +1,116 @@
+"""The compiled extension fused_resnet._C: build, registration, the CPU and CUDA kernels."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from fused_resnet import cuda_ops, extension, reference
+
+_NVCC = shutil.which("nvcc") or os.path.exists(
+    os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
+_BUILD_REQUESTED = os.environ.get("FUSED_RESNET_BUILD_CUDA", "auto") != "0"
+
+requires_extension = pytest.mark.skipif(
+    extension.load_error() is not None,
+    reason=f"fused_resnet._C is not built: {extension.load_error()}")
+
+
+@pytest.mark.skipif(not (_NVCC and _BUILD_REQUESTED),
+                    reason="nvcc is absent or FUSED_RESNET_BUILD_CUDA=0: no extension expected")
+def test_extension_is_built_and_loaded_where_nvcc_exists():
+    assert extension.load_error() is None
+    assert hasattr(torch.ops.fused_resnet, "scale_shift_add_relu")
+
+
+def _inputs(shape, dtype, channels_last, residual, device="cpu"):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+    scale = torch.randn(shape[1], device=device)
+    shift = torch.randn(shape[1], device=device)
+    r = torch.randn_like(x) if residual else None
+    return x, scale, shift, r
+
+
+SHAPES = [(3, 5, 7, 3), (1, 16, 4, 4), (2, 8, 1, 1), (0, 4, 2, 2)]
+
+
+@requires_extension
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual, relu", [(False, False), (True, True), (False, True)])
+def test_cpu_kernel_matches_reference(shape, dtype, channels_last, residual, relu):
+    x, scale, shift, r = _inputs(shape, dtype, channels_last, residual)
+    y = cuda_ops.scale_shift_add_relu(x, scale, shift, r, relu)
+    # Both compute in fp32 (fp64 for fp64) and round once, so they agree to the output ulp.
+    torch.testing.assert_close(y, reference.scale_shift_add_relu(x, scale, shift, r, relu))
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last
+                           else torch.contiguous_format)
+
+
+@requires_extension
+def test_nan_and_inf_propagate_as_in_pytorch():
+    x, scale, shift, _ = _inputs((2, 3, 2, 2), torch.float32, True, False)
+    x[0, 0, 0, 0], x[1, 2, 1, 1], x[0, 1, 1, 0] = float("nan"), float("inf"), -float("inf")
+    y = cuda_ops.scale_shift_add_relu(x, scale, shift, None, True)
+    torch.testing.assert_close(y, reference.scale_shift_add_relu(x, scale, shift, None, True),
+                               equal_nan=True)
+    assert torch.isnan(y[0, 0, 0, 0])
+
+
+@requires_extension
+def test_op_passes_opcheck_and_gradcheck():
+    x, scale, shift, r = _inputs((2, 3, 3, 2), torch.float64, True, True)
+    scale, shift = scale.double(), shift.double()
+    args = [t.requires_grad_() for t in (x, scale, shift, r)]
+    torch.library.opcheck(torch.ops.fused_resnet.scale_shift_add_relu.default, (*args, True))
+    # Shift everything away from the ReLU kink, where finite differences are meaningless.
+    x.data.add_(torch.sign(x.data) * 0.1)
+    assert torch.autograd.gradcheck(
+        lambda *t: cuda_ops.scale_shift_add_relu(*t, relu=False), args)
+
+
+@requires_extension
+@pytest.mark.parametrize("make_args, message", [
+    (lambda x, s, b, r: (x[0], s, b, r), "x must be 4-D"),
+    (lambda x, s, b, r: (x, s[:2], b, r), "scale must be 1-D with x.size"),
+    (lambda x, s, b, r: (x, s, b.view(1, -1), r), "shift must be 1-D"),
+    (lambda x, s, b, r: (x, s, b, r.half()), "residual has dtype Half"),
+    (lambda x, s, b, r: (x, s, b, r[:1]), "residual has shape"),
+    (lambda x, s, b, r: (x, s, b, r.contiguous()), "residual has strides"),
+    (lambda x, s, b, r: (x[:, :, ::2], s, b, None), "x must be contiguous in NCHW or channels_last"),
+    (lambda x, s, b, r: (x.int(), s, b, None), "x must be a floating tensor"),
+])
+def test_bad_arguments_raise_naming_the_argument(make_args, message):
+    args = make_args(*_inputs((2, 4, 4, 4), torch.float32, True, True))
+    with pytest.raises(RuntimeError, match=message):
+        cuda_ops.scale_shift_add_relu(*args, relu=True)
+
+
+@pytest.mark.gpu
+@requires_extension
+@pytest.mark.parametrize("shape", [(3, 5, 7, 3), (2, 64, 9, 9), (1, 24, 1, 1), (0, 8, 2, 2)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cuda_kernel_matches_reference(shape, dtype, channels_last, residual):
+    x, scale, shift, r = _inputs(shape, dtype, channels_last, residual, device="cuda")
+    y = cuda_ops.scale_shift_add_relu(x, scale, shift, r, True)
+    torch.testing.assert_close(y, reference.scale_shift_add_relu(x, scale, shift, r, True))
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last
+                           else torch.contiguous_format)
+
+
+@pytest.mark.gpu
+@requires_extension
+def test_cuda_kernel_takes_the_scalar_path_for_misaligned_storage():
+    base = torch.randn(1 + 2 * 16 * 4 * 4, device="cuda", dtype=torch.float16)
+    x = base[1:].view(2, 4, 4, 16).permute(0, 3, 1, 2)  # channels_last, 2-byte aligned
+    scale, shift = torch.randn(16, device="cuda"), torch.randn(16, device="cuda")
+    torch.testing.assert_close(cuda_ops.scale_shift_add_relu(x, scale, shift, None, True),
+                               reference.scale_shift_add_relu(x, scale, shift, None, True))
