@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -22,6 +23,21 @@ requires_extension = pytest.mark.skipif(
 def test_extension_is_built_and_loaded_where_nvcc_exists():
     assert extension.load_error() is None
     assert hasattr(torch.ops.fused_resnet, "scale_shift_add_relu")
+
+
+def test_a_missing_extension_is_explained_and_the_cuda_backend_refuses(monkeypatch):
+    import fused_resnet
+
+    # As if the build had been skipped: `from fused_resnet import _C` raises ImportError.
+    monkeypatch.setitem(sys.modules, "fused_resnet._C", None)
+    monkeypatch.delattr(fused_resnet, "_C", raising=False)
+    monkeypatch.setattr(extension, "load_error", extension.load_error.__wrapped__)
+    assert "pip install --no-build-isolation -e ." in extension.load_error()
+    with pytest.raises(RuntimeError, match="fused_resnet._C is not available"):
+        cuda_ops.scale_shift_add_relu(torch.ones(1, 1, 1, 1), torch.ones(1), torch.ones(1))
+    block = fused_resnet.BasicBlock(4, 4, backend="cuda")
+    with pytest.raises(fused_resnet.BackendUnavailableError, match="not available"):
+        block(torch.randn(2, 4, 3, 3))
 
 
 def _inputs(shape, dtype, channels_last, residual, device="cpu"):
