@@ -1,0 +1,185 @@
+"""Fused convolution backward: dgrad with the BN-ReLU backward in its epilogue, and wgrad
+with BN-ReLU recomputed in its prologue, so the activation is never stored."""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import tuning
+from .conv_forward import dot_precision, relu_keeping_nan
+
+_CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+_MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
+# wgrad reduces over every output pixel; splitting that reduction over this many pixels
+# per program keeps the GPU busy when C_out * C_in is small (and stays deterministic:
+# the splits are summed in a fixed order).
+_WGRAD_PIXELS_PER_SPLIT = 8192
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE"],
+                 reset_to_zero=["sum_ptr", "sum_x_ptr"])
+@triton.jit
+def conv_dgrad_kernel(
+        g_ptr, w_ptr, x_ptr, in_scale_ptr, in_shift_ptr, grad_x_ptr, sum_ptr, sum_x_ptr,
+        M, H, W, C_in, Ho, Wo, C_out,
+        sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, sw_h, sw_w,
+        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M input pixels, BLOCK_N input channels] tile of the input gradient.
+
+    Layout: ``g`` (the output gradient) and ``grad_x`` are channels_last-contiguous, a
+    row-major [pixels, channels] matrix; ``x`` (N, C_in, H, W) and ``w`` (C_out, C_in, KH,
+    KW) any strides. K runs over the taps and C_out; for stride 2 a tap contributes only
+    where (h + PAD - kh) divides by the stride.
+
+    With ``PROLOGUE`` (the forward applied a = relu(x * scale + shift)) the epilogue
+    recomputes the ReLU mask from ``x``, writes grad_x = dL/da * mask * scale, and per-tile
+    sums of dL/da * mask and dL/da * mask * x: the gradients of shift and scale.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    channels = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < M
+    channel_valid = channels < C_in
+    w_ = rows % W
+    h_ = (rows // W) % H
+    image = (rows // (W * H)).to(tl.int64)
+    k_range = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        h_num = h_ + PAD - kh
+        w_num = w_ + PAD - kw
+        ho = h_num // STRIDE
+        wo = w_num // STRIDE
+        valid = (row_valid & (h_num >= 0) & (w_num >= 0) & (h_num % STRIDE == 0)
+                 & (w_num % STRIDE == 0) & (ho < Ho) & (wo < Wo))
+        g_rows = (image * Ho + ho) * Wo + wo
+        for c0 in range(0, C_out, BLOCK_K):
+            k = c0 + k_range
+            k_valid = k < C_out
+            g = tl.load(g_ptr + g_rows[:, None] * C_out + k[None, :],
+                        mask=valid[:, None] & k_valid[None, :], other=0.0)
+            b = tl.load(w_ptr + k[:, None] * sw_o + channels[None, :] * sw_i + kh * sw_h
+                        + kw * sw_w, mask=k_valid[:, None] & channel_valid[None, :], other=0.0)
+            acc += tl.dot(g, b, input_precision=DOT_PRECISION)
+
+    mask = row_valid[:, None] & channel_valid[None, :]
+    if PROLOGUE:
+        x = tl.load(x_ptr + image[:, None] * sx_n + h_[:, None] * sx_h + w_[:, None] * sx_w
+                    + channels[None, :] * sx_c, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(in_scale_ptr + channels, mask=channel_valid, other=0.0)
+        shift = tl.load(in_shift_ptr + channels, mask=channel_valid, other=0.0)
+        grad_pre = tl.where(mask & (x * scale[None, :] + shift[None, :] > 0), acc, 0.0)
+        offsets = pid_m * C_in + channels
+        tl.store(sum_ptr + offsets, tl.sum(grad_pre, axis=0), mask=channel_valid)
+        tl.store(sum_x_ptr + offsets, tl.sum(grad_pre * x, axis=0), mask=channel_valid)
+        acc = grad_pre * scale[None, :]
+    tl.store(grad_x_ptr + rows.to(tl.int64)[:, None] * C_in + channels[None, :],
+             acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE"])
+@triton.jit
+def conv_wgrad_kernel(
+        g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, dw_ptr,
+        M, H, W, C_in, Ho, Wo, C_out, pixels_per_split,
+        sx_n, sx_c, sx_h, sx_w,
+        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M out channels, BLOCK_N in channels] tile of one tap of one split of dW.
+
+    Layout: ``g`` channels_last-contiguous [M = N*Ho*Wo, C_out]; ``x`` (N, C_in, H, W) any
+    strides; ``dw`` fp32 [splits, C_out, KH*KW, C_in], summed over splits by the caller.
+    The reduction runs over this split's output pixels. With ``PROLOGUE`` the activation
+    relu(x * scale + shift) is recomputed from ``x`` while loading, with zero padding
+    applied after it, exactly as the forward saw it.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    tap = pid_z % (KH * KW)
+    split = pid_z // (KH * KW)
+    kh = tap // KW
+    kw = tap % KW
+    out_channels = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_channels = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_valid = out_channels < C_out
+    in_valid = in_channels < C_in
+    if PROLOGUE:
+        scale = tl.load(in_scale_ptr + in_channels, mask=in_valid, other=0.0)
+        shift = tl.load(in_shift_ptr + in_channels, mask=in_valid, other=0.0)
+    start = split * pixels_per_split
+    end = tl.minimum(start + pixels_per_split, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_K):
+        pixels = p0 + tl.arange(0, BLOCK_K)
+        pixel_valid = pixels < end
+        wo = pixels % Wo
+        ho = (pixels // Wo) % Ho
+        image = (pixels // (Wo * Ho)).to(tl.int64)
+        hi = ho * STRIDE - PAD + kh
+        wi = wo * STRIDE - PAD + kw
+        x_valid = pixel_valid & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        g = tl.load(g_ptr + pixels.to(tl.int64)[None, :] * C_out + out_channels[:, None],
+                    mask=out_valid[:, None] & pixel_valid[None, :], other=0.0)
+        a_mask = x_valid[:, None] & in_valid[None, :]
+        a = tl.load(x_ptr + (image * sx_n + hi * sx_h + wi * sx_w)[:, None]
+                    + in_channels[None, :] * sx_c, mask=a_mask, other=0.0)
+        if PROLOGUE:
+            a = relu_keeping_nan(a.to(tl.float32) * scale[None, :] + shift[None, :])
+            a = tl.where(a_mask, a, 0.0).to(x_ptr.dtype.element_ty)
+        acc += tl.dot(g, a, input_precision=DOT_PRECISION)
+    offsets = ((split * C_out + out_channels[:, None]) * (KH * KW) + tap) * C_in \
+        + in_channels[None, :]
+    tl.store(dw_ptr + offsets, acc, mask=out_valid[:, None] & in_valid[None, :])
+
+
+def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None):
+    """dL/dx of ``fused_conv_forward``, channels_last; with a prologue also the gradients
+    of ``in_scale`` and ``in_shift``. ``grad`` must be channels_last-contiguous."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    _, _, ho, wo = grad.shape
+    m = n * h * w
+    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype,
+                         memory_format=torch.channels_last)
+    prologue = in_scale is not None
+    tiles = triton.cdiv(m, _MIN_BLOCK_M) if prologue else 1
+    sums = [torch.zeros(tiles, c_in, device=x.device, dtype=torch.float32) for _ in range(2)]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))
+    wrap_triton(conv_dgrad_kernel)[grid](
+        grad, weight, x, in_scale if prologue else grad_x, in_shift if prologue else grad_x,
+        grad_x, *sums, m, h, w, c_in, ho, wo, c_out, *x.stride(), *weight.stride(),
+        KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
+        DOT_PRECISION=dot_precision(x.dtype))
+    if not prologue:
+        return grad_x, None, None
+    grad_shift, grad_scale = sums[0].sum(0), sums[1].sum(0)
+    return grad_x, grad_scale, grad_shift
+
+
+def conv_wgrad(grad, x, weight_shape, stride, in_scale=None, in_shift=None):
+    """dL/dW (fp32, shape ``weight_shape``) of ``fused_conv_forward``. ``grad`` must be
+    channels_last-contiguous."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight_shape
+    _, _, ho, wo = grad.shape
+    m = n * ho * wo
+    splits = max(1, triton.cdiv(m, _WGRAD_PIXELS_PER_SPLIT))
+    partial = torch.empty((splits, c_out, kh * kw, c_in), device=x.device,
+                          dtype=torch.float32)
+    prologue = in_scale is not None
+    grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]),
+                         splits * kh * kw)
+    wrap_triton(conv_wgrad_kernel)[grid](
+        grad, x, in_scale if prologue else partial, in_shift if prologue else partial,
+        partial, m, h, w, c_in, ho, wo, c_out, triton.cdiv(m, splits), *x.stride(),
+        KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
+        DOT_PRECISION=dot_precision(x.dtype))
+    return partial.sum(0).view(c_out, kh, kw, c_in).permute(0, 3, 1, 2)

@@ -1,0 +1,129 @@
+"""Fused convolution forward: ``y = epilogue(conv(prologue(x), W))`` as an implicit GEMM."""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .statistics import merge, partial_buffers, store_tile_statistics
+from . import tuning
+
+_CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
+
+
+@triton.jit
+def relu_keeping_nan(v):
+    # where(v < 0) rather than maximum(v, 0): NaN stays NaN, as torch.relu.
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE"],
+                 reset_to_zero=["count_ptr", "mean_ptr", "m2_ptr"])
+@triton.jit
+def fused_conv_forward_kernel(
+        x_ptr, w_ptr, y_ptr, in_scale_ptr, in_shift_ptr, out_scale_ptr, out_shift_ptr,
+        residual_ptr, count_ptr, mean_ptr, m2_ptr,
+        M, H, W, C_in, Ho, Wo, C_out,
+        sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, sw_h, sw_w,
+        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        PROLOGUE: tl.constexpr, OUT_AFFINE: tl.constexpr, RESIDUAL: tl.constexpr,
+        OUT_RELU: tl.constexpr, STATISTICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M output pixels, BLOCK_N output channels] tile of a fused convolution.
+
+    Layout: ``x`` is (N, C_in, H, W) with any strides (NHWC storage is the fast case);
+    ``w`` is (C_out, C_in, KH, KW) with any strides; ``y`` and ``residual`` are
+    channels_last-contiguous, i.e. a row-major [M = N*Ho*Wo, C_out] matrix. The GEMM's
+    K dimension runs over the KH*KW taps and, inside each, C_in in BLOCK_K chunks
+    (masked, so any channel count works). fp32 accumulation.
+
+    Fuses:
+      prologue  a = relu(x * in_scale[c] + in_shift[c]), then zero padding: padded taps
+                contribute 0, not relu(in_shift);
+      epilogue  y = [relu](acc * out_scale[n] + out_shift[n] [+ residual]);
+      statistics per-tile count/mean/M2 of acc for the next BatchNorm (row = pid_m).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    channels = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < M
+    channel_valid = channels < C_out
+    wo = rows % Wo
+    ho = (rows // Wo) % Ho
+    image = (rows // (Wo * Ho)).to(tl.int64)
+    k_range = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        hi = ho * STRIDE - PAD + kh
+        wi = wo * STRIDE - PAD + kw
+        pixel_valid = row_valid & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        pixel_offset = image * sx_n + hi.to(tl.int64) * sx_h + wi.to(tl.int64) * sx_w
+        for c0 in range(0, C_in, BLOCK_K):
+            k = c0 + k_range
+            k_valid = k < C_in
+            a_mask = pixel_valid[:, None] & k_valid[None, :]
+            a = tl.load(x_ptr + pixel_offset[:, None] + k[None, :] * sx_c, mask=a_mask,
+                        other=0.0)
+            if PROLOGUE:
+                scale = tl.load(in_scale_ptr + k, mask=k_valid, other=0.0)
+                shift = tl.load(in_shift_ptr + k, mask=k_valid, other=0.0)
+                a = relu_keeping_nan(a.to(tl.float32) * scale[None, :] + shift[None, :])
+                a = tl.where(a_mask, a, 0.0).to(x_ptr.dtype.element_ty)
+            b = tl.load(w_ptr + channels[None, :] * sw_o + k[:, None] * sw_i + kh * sw_h
+                        + kw * sw_w, mask=k_valid[:, None] & channel_valid[None, :], other=0.0)
+            acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+
+    if STATISTICS:
+        store_tile_statistics(acc, row_valid, pid_m, channels, channel_valid,
+                                         count_ptr, mean_ptr, m2_ptr, C_out)
+    if OUT_AFFINE:
+        scale = tl.load(out_scale_ptr + channels, mask=channel_valid, other=0.0)
+        shift = tl.load(out_shift_ptr + channels, mask=channel_valid, other=0.0)
+        acc = acc * scale[None, :] + shift[None, :]
+    out_offsets = rows.to(tl.int64)[:, None] * C_out + channels[None, :]
+    out_mask = row_valid[:, None] & channel_valid[None, :]
+    if RESIDUAL:
+        acc += tl.load(residual_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+    if OUT_RELU:
+        acc = relu_keeping_nan(acc)
+    tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def output_size(size: int, kernel: int, stride: int) -> int:
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 storage gets full fp32 products: tf32 would make fp32 results ~1e-3 off.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fused_conv_forward(x, weight, stride, in_scale=None, in_shift=None, out_scale=None,
+                       out_shift=None, residual=None, out_relu=False, statistics=False):
+    """Launch :func:`fused_conv_forward_kernel`; returns ``y`` (channels_last) and, with
+    ``statistics``, the per-channel (mean, biased variance) of the pre-epilogue acc."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    ho, wo = output_size(h, kh, stride), output_size(w, kw, stride)
+    m = n * ho * wo
+    y = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype,
+                    memory_format=torch.channels_last)
+    partials = partial_buffers(triton.cdiv(m, MIN_BLOCK_M) if statistics else 1,
+                                          c_out, x.device)
+    dummy = y  # stands in for absent optional pointers; never read (constexpr flags)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
+    wrap_triton(fused_conv_forward_kernel)[grid](
+        x, weight, y,
+        dummy if in_scale is None else in_scale, dummy if in_shift is None else in_shift,
+        dummy if out_scale is None else out_scale, dummy if out_shift is None else out_shift,
+        dummy if residual is None else residual, *partials,
+        m, h, w, c_in, ho, wo, c_out, *x.stride(), *weight.stride(),
+        KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2,
+        PROLOGUE=in_scale is not None, OUT_AFFINE=out_scale is not None,
+        RESIDUAL=residual is not None, OUT_RELU=out_relu, STATISTICS=statistics,
+        DOT_PRECISION=dot_precision(x.dtype))
+    return y, (merge(*partials) if statistics else None)

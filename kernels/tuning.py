@@ -1,0 +1,32 @@
+"""Tile configurations shared by the kernels.
+
+Under ``TRITON_INTERPRET=1`` (CPU, CI) every kernel runs one small fixed configuration:
+the interpreter is slow and benchmarking there means nothing. On GPUs the autotuner picks
+among the listed configurations once per distinct key and caches the choice.
+"""
+
+import os
+
+import triton
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gemm_configs(names: tuple[str, str, str]) -> list[triton.Config]:
+    """Configurations for a GEMM-shaped kernel whose tile sizes are called ``names``."""
+    m, n, k = names
+    if INTERPRETED:
+        return [triton.Config({m: 16, n: 16, k: 16}, num_warps=1)]
+    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+              (64, 64, 32, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3)]
+    return [triton.Config({m: bm, n: bn, k: bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+def elementwise_configs(names: tuple[str, str]) -> list[triton.Config]:
+    """Configurations for a (rows, channels) tiled elementwise or reduction kernel."""
+    rows, channels = names
+    if INTERPRETED:
+        return [triton.Config({rows: 16, channels: 16}, num_warps=1)]
+    return [triton.Config({rows: r, channels: c}, num_warps=w)
+            for r, c, w in [(64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8)]]
