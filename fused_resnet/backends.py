@@ -25,6 +25,15 @@ from torch import nn
 
 from fused_resnet import extension, reference
 
+try:
+    from fused_resnet import triton_blocks
+    from fused_resnet.kernels.tuning import INTERPRETED as _TRITON_INTERPRETED
+    _TRITON_IMPORT_ERROR: Optional[str] = None
+except ImportError as error:  # triton missing or too old: the other backends still work
+    triton_blocks = None
+    _TRITON_INTERPRETED = False
+    _TRITON_IMPORT_ERROR = f"triton could not be imported ({error})"
+
 BACKEND_NAMES = ("auto", "reference", "triton", "cuda")
 # Fastest first. A per-shape routing table measured on GPUs replaces this once the
 # kernels exist (see the benchmark issue).
@@ -48,8 +57,26 @@ def _reference_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
     return None
 
 
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _triton_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
-    return "the Triton block kernels are not implemented yet (issue #3)"
+    if _TRITON_IMPORT_ERROR is not None:
+        return _TRITON_IMPORT_ERROR
+    if x.device.type == "cpu" and not _TRITON_INTERPRETED:
+        return ("the input is on the CPU; Triton runs CPU tensors only under its interpreter "
+                "(set TRITON_INTERPRET=1 before importing fused_resnet)")
+    if x.device.type not in ("cpu", "cuda"):
+        return f"the input is on {x.device}, the triton backend runs CUDA tensors"
+    if x.dtype not in _TRITON_DTYPES:
+        return f"the input dtype is {x.dtype}; the triton kernels take float32, float16, bfloat16"
+    if x.dtype == torch.bfloat16 and _TRITON_INTERPRETED:
+        return "bfloat16 tl.dot gives wrong results under the Triton interpreter"
+    weights = [p for name, p in block.named_parameters() if name.endswith("weight") and p.dim() == 4]
+    mismatched = [p.dtype for p in weights if p.dtype != x.dtype]
+    if mismatched:
+        return f"the input is {x.dtype} but conv weights are {mismatched[0]}"
+    return None
 
 
 def _cuda_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
@@ -63,7 +90,7 @@ def _cuda_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
 
 BACKENDS = {
     "reference": Backend("reference", _reference_why_not, reference),
-    "triton": Backend("triton", _triton_why_not, None),
+    "triton": Backend("triton", _triton_why_not, triton_blocks),
     "cuda": Backend("cuda", _cuda_why_not, None),
 }
 

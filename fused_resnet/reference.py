@@ -109,21 +109,32 @@ def bn_scale_shift(mean: Tensor, var: Tensor, bn: BatchNormParams) -> tuple[Tens
     return scale, shift
 
 
-def batch_norm(x: Tensor, bn: BatchNormParams, relu: bool = False,
-               residual: Optional[Tensor] = None) -> Tensor:
-    """``[relu](batch_norm(x) [+ residual])`` with ``nn.BatchNorm2d`` semantics."""
+def normalization(bn: BatchNormParams, count: int,
+                  batch_stats: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) that apply ``bn`` to a tensor of ``count`` values per
+    channel, updating the running statistics when ``bn`` is training.
+
+    ``batch_stats`` (mean, biased variance) is required when ``bn.uses_batch_stats``;
+    every backend computes them its own way and shares this step.
+    """
     if bn.uses_batch_stats:
-        count = x.numel() // x.shape[1]
         if bn.training and count == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {tuple(x.shape)}")
-        mean, var = batch_statistics(x)
+                             f"got {count} value per channel")
+        mean, var = batch_stats
         if bn.training and bn.running_mean is not None:
             update_running_stats(bn, mean, var, count)
     else:
-        acc = _accumulation_dtype(x.dtype)
+        acc = _accumulation_dtype(bn.running_mean.dtype)
         mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
-    scale, shift = bn_scale_shift(mean, var, bn)
+    return bn_scale_shift(mean, var, bn)
+
+
+def batch_norm(x: Tensor, bn: BatchNormParams, relu: bool = False,
+               residual: Optional[Tensor] = None) -> Tensor:
+    """``[relu](batch_norm(x) [+ residual])`` with ``nn.BatchNorm2d`` semantics."""
+    batch_stats = batch_statistics(x) if bn.uses_batch_stats else None
+    scale, shift = normalization(bn, x.numel() // x.shape[1], batch_stats)
     return scale_shift_add_relu(x, scale, shift, residual, relu)
 
 

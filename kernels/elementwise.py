@@ -1,0 +1,148 @@
+"""Per-channel elementwise passes over channels_last activations, viewed as [M, C].
+
+The BN-apply + shortcut + ReLU that ends a post-activation training block (its BN needs
+the whole batch's statistics, so it cannot sit in the producing conv's epilogue), its
+backward, and the batch statistics of a tensor no kernel of ours produced (the input of a
+pre-activation block).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import tuning
+from .conv_forward import relu_keeping_nan
+from .statistics import merge, partial_buffers, store_tile_statistics
+
+_CONFIGS = tuning.elementwise_configs(("BLOCK_M", "BLOCK_C"))
+_MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
+
+
+@triton.jit
+def _tile(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offsets = rows.to(tl.int64)[:, None] * C + channels[None, :]
+    return rows, channels, rows < M, channels < C, offsets
+
+
+@triton.jit
+def _per_channel(ptr, channels, channel_valid):
+    return tl.load(ptr + channels, mask=channel_valid, other=0.0)[None, :]
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "C"])
+@triton.jit
+def bn_add_relu_kernel(a_ptr, a_scale_ptr, a_shift_ptr, r_ptr, r_scale_ptr, r_shift_ptr,
+                       y_ptr, M, C, RESIDUAL: tl.constexpr, RESIDUAL_AFFINE: tl.constexpr,
+                       RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = [relu](a * a_scale[c] + a_shift[c] [+ r [* r_scale[c] + r_shift[c]]]).
+
+    ``a``, ``r``, ``y``: channels_last-contiguous [M, C]. One read of a and r, one write.
+    """
+    rows, channels, row_valid, channel_valid, offsets = _tile(M, C, BLOCK_M, BLOCK_C)
+    mask = row_valid[:, None] & channel_valid[None, :]
+    y = (tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+         * _per_channel(a_scale_ptr, channels, channel_valid)
+         + _per_channel(a_shift_ptr, channels, channel_valid))
+    if RESIDUAL:
+        r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL_AFFINE:
+            r = (r * _per_channel(r_scale_ptr, channels, channel_valid)
+                 + _per_channel(r_shift_ptr, channels, channel_valid))
+        y += r
+    if RELU:
+        y = relu_keeping_nan(y)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "C"],
+                 reset_to_zero=["sum_ptr", "sum_a_ptr", "sum_r_ptr"])
+@triton.jit
+def bn_add_relu_backward_kernel(g_ptr, y_ptr, a_ptr, a_scale_ptr, r_ptr, r_scale_ptr,
+                                grad_a_ptr, grad_r_ptr, sum_ptr, sum_a_ptr, sum_r_ptr, M, C,
+                                RESIDUAL: tl.constexpr, RESIDUAL_AFFINE: tl.constexpr,
+                                RELU: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
+    """Backward of :func:`bn_add_relu_kernel` in one pass over g, y, a (and r).
+
+    Writes grad_a = g' * a_scale and grad_r = g' [* r_scale] with g' = g * (y > 0), and
+    per-tile sums of g', g' * a and g' * r: the gradients of the shifts and scales.
+    """
+    rows, channels, row_valid, channel_valid, offsets = _tile(M, C, BLOCK_M, BLOCK_C)
+    mask = row_valid[:, None] & channel_valid[None, :]
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
+        g = tl.where(y > 0, g, 0.0)
+    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tile = tl.program_id(0) * C + channels
+    tl.store(sum_ptr + tile, tl.sum(g, axis=0), mask=channel_valid)
+    tl.store(sum_a_ptr + tile, tl.sum(g * a, axis=0), mask=channel_valid)
+    tl.store(grad_a_ptr + offsets,
+             (g * _per_channel(a_scale_ptr, channels, channel_valid)).to(
+                 grad_a_ptr.dtype.element_ty), mask=mask)
+    if RESIDUAL:
+        grad_r = g
+        if RESIDUAL_AFFINE:
+            r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            tl.store(sum_r_ptr + tile, tl.sum(g * r, axis=0), mask=channel_valid)
+            grad_r = g * _per_channel(r_scale_ptr, channels, channel_valid)
+        tl.store(grad_r_ptr + offsets, grad_r.to(grad_r_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "C"],
+                 reset_to_zero=["count_ptr", "mean_ptr", "m2_ptr"])
+@triton.jit
+def channel_statistics_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, C,
+                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-tile count/mean/M2 of channels_last-contiguous ``x`` [M, C], one read."""
+    rows, channels, row_valid, channel_valid, offsets = _tile(M, C, BLOCK_M, BLOCK_C)
+    x = tl.load(x_ptr + offsets, mask=row_valid[:, None] & channel_valid[None, :], other=0.0)
+    store_tile_statistics(x.to(tl.float32), row_valid, tl.program_id(0), channels,
+                          channel_valid, count_ptr, mean_ptr, m2_ptr, C)
+
+
+def _rows_and_grid(x):
+    m, c = x.numel() // x.shape[1], x.shape[1]
+    return m, c, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+
+
+def bn_add_relu(a, a_scale, a_shift, residual=None, r_scale=None, r_shift=None, relu=True):
+    """Launch :func:`bn_add_relu_kernel`; tensors channels_last-contiguous."""
+    m, c, grid = _rows_and_grid(a)
+    y = torch.empty_like(a, memory_format=torch.channels_last)
+    affine = r_scale is not None
+    wrap_triton(bn_add_relu_kernel)[grid](
+        a, a_scale, a_shift, a if residual is None else residual,
+        r_scale if affine else a_scale, r_shift if affine else a_shift, y, m, c,
+        RESIDUAL=residual is not None, RESIDUAL_AFFINE=affine, RELU=relu)
+    return y
+
+
+def bn_add_relu_backward(grad, y, a, a_scale, residual=None, r_scale=None, relu=True):
+    """Gradients of :func:`bn_add_relu`: (grad_a, grad_a_scale, grad_a_shift, grad_residual,
+    grad_r_scale, grad_r_shift); the residual's are None where it has none."""
+    m, c, grid = _rows_and_grid(a)
+    tiles = triton.cdiv(m, _MIN_BLOCK_M)
+    sums = [torch.zeros(tiles, c, device=a.device, dtype=torch.float32) for _ in range(3)]
+    grad_a = torch.empty_like(a, memory_format=torch.channels_last)
+    grad_r = None if residual is None else torch.empty_like(residual,
+                                                            memory_format=torch.channels_last)
+    affine = r_scale is not None
+    wrap_triton(bn_add_relu_backward_kernel)[grid](
+        grad, y, a, a_scale, a if residual is None else residual,
+        r_scale if affine else a_scale, grad_a, grad_a if grad_r is None else grad_r, *sums,
+        m, c, RESIDUAL=residual is not None, RESIDUAL_AFFINE=affine, RELU=relu)
+    grad_shift, grad_scale, grad_r_scale = (s.sum(0) for s in sums)
+    return (grad_a, grad_scale, grad_shift, grad_r,
+            grad_r_scale if affine else None, grad_shift.clone() if affine else None)
+
+
+def channel_statistics(x):
+    """Per-channel (mean, biased variance) of channels_last-contiguous ``x``, fp32."""
+    m, c, grid = _rows_and_grid(x)
+    partials = partial_buffers(triton.cdiv(m, _MIN_BLOCK_M), c, x.device)
+    wrap_triton(channel_statistics_kernel)[grid](x, *partials, m, c)
+    return merge(*partials)
