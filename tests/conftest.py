@@ -1,7 +1,15 @@
+import math
+import os
 import warnings
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter, which
+# has to be chosen before fused_resnet (and so triton.jit) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,3 +28,22 @@ def _seed_and_quiet_auto_backend():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="fused_resnet: backend='auto'")
         yield
+
+
+@pytest.fixture
+def device():
+    """Where the Triton kernels run: the GPU, or the CPU under the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Fill every tensor from torch.empty/empty_like with NaN, so that an element a kernel
+    forgets to write shows up in the comparison instead of passing by luck."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
