@@ -46,23 +46,27 @@ class BackendUnavailableError(RuntimeError):
 
 class Backend(NamedTuple):
     name: str
-    # why_not(block, x) -> None when the backend can run ``block`` on ``x``, else the reason.
-    why_not: Callable[[nn.Module, torch.Tensor], Optional[str]]
+    # why_not(block, x, for_auto) -> None when the backend can run ``block`` on ``x``, else
+    # the reason; ``for_auto`` adds the reasons to skip it in 'auto' only (too slow).
+    why_not: Callable[[nn.Module, torch.Tensor, bool], Optional[str]]
     # The four block functions, same signatures as fused_resnet.reference; None until the
     # backend's kernels exist (its why_not then always gives a reason).
     functions: Optional[types.ModuleType]
 
 
-def _reference_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
+def _reference_why_not(block: nn.Module, x: torch.Tensor, for_auto: bool) -> Optional[str]:
     return None
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
+def _triton_why_not(block: nn.Module, x: torch.Tensor, for_auto: bool) -> Optional[str]:
     if _TRITON_IMPORT_ERROR is not None:
         return _TRITON_IMPORT_ERROR
+    if for_auto and x.device.type == "cpu":
+        return ("the Triton interpreter runs CPU tensors for testing, far slower than the "
+                "reference; ask for backend='triton' explicitly to use it")
     if x.device.type == "cpu" and not _TRITON_INTERPRETED:
         return ("the input is on the CPU; Triton runs CPU tensors only under its interpreter "
                 "(set TRITON_INTERPRET=1 before importing fused_resnet)")
@@ -79,7 +83,7 @@ def _triton_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _cuda_why_not(block: nn.Module, x: torch.Tensor) -> Optional[str]:
+def _cuda_why_not(block: nn.Module, x: torch.Tensor, for_auto: bool) -> Optional[str]:
     load_error = extension.load_error()
     if load_error is not None:
         return f"the C++/CUDA extension fused_resnet._C is not available ({load_error})"
@@ -141,14 +145,14 @@ def select(block: nn.Module, x: torch.Tensor, requested: Optional[str]) -> Backe
     block_name = type(block).__name__
     if name != "auto":
         backend = BACKENDS[name]
-        reason = backend.why_not(block, x)
+        reason = backend.why_not(block, x, False)
         if reason is not None:
             raise BackendUnavailableError(f"backend={name!r} cannot run {block_name}: {reason}")
         return backend
     skipped = []
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
-        reason = backend.why_not(block, x)
+        reason = backend.why_not(block, x, True)
         if reason is None:
             if skipped:
                 _warn_once(f"fused_resnet: backend='auto' runs {block_name} on {candidate!r}; "

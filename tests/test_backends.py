@@ -22,11 +22,23 @@ def _restore_default_backend():
     fused_resnet.set_backend(previous)
 
 
-def test_explicit_triton_is_refused_until_its_kernels_exist(block):
+@pytest.mark.parametrize("dtype, reason", [(torch.float64, "the input dtype is torch.float64"),
+                                           (torch.bfloat16, "bfloat16 tl.dot gives wrong")])
+def test_explicit_triton_refuses_what_it_cannot_compute(block, dtype, reason):
+    if dtype == torch.bfloat16 and torch.cuda.is_available():
+        pytest.skip("bfloat16 is refused only under the Triton interpreter")
+    block.backend = "triton"
+    block.to(dtype)
+    with pytest.raises(fused_resnet.BackendUnavailableError,
+                       match=f"backend='triton' cannot run BasicBlock: {reason}"):
+        block(torch.randn(2, 4, 3, 3, dtype=dtype))
+
+
+def test_explicit_triton_refuses_mismatched_weights(block):
     block.backend = "triton"
     with pytest.raises(fused_resnet.BackendUnavailableError,
-                       match="backend='triton' cannot run BasicBlock: .*not implemented yet"):
-        block(torch.randn(2, 4, 3, 3))
+                       match="input is torch.float16 but conv weights are torch.float32"):
+        block(torch.randn(2, 4, 3, 3, dtype=torch.float16))
 
 
 def test_explicit_cuda_says_why_it_cannot_run_a_cpu_tensor(block):
@@ -50,8 +62,8 @@ def test_auto_falls_back_to_reference_with_one_warning_naming_the_reasons(block)
 
 def test_module_follows_the_default_and_its_own_choice_wins(block):
     x = torch.randn(2, 4, 3, 3)
-    with fused_resnet.use_backend("triton"):
-        assert fused_resnet.get_backend() == "triton"
+    with fused_resnet.use_backend("cuda"):
+        assert fused_resnet.get_backend() == "cuda"
         with pytest.raises(fused_resnet.BackendUnavailableError):
             block(x)
         block.backend = "reference"

@@ -1,0 +1,117 @@
+"""The four blocks on backend='triton' against the reference, in training and eval.
+
+Truth is the reference backend in fp64; the triton block's error in fp32 / fp16 must stay
+within ERROR_FACTOR of the reference backend's error in the same dtype, for the output,
+the input gradient, every parameter gradient and every running statistic.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import fused_resnet
+from blockcases import BLOCK_CASES, build_plain, case_id
+from fused_resnet.testing import errors_beyond_eager
+
+LAYOUTS = ["contiguous", "channels_last", "non_contiguous"]
+
+
+def _input(case, batch, h, w, dtype, device, layout):
+    x = torch.randn(batch, case[1], h, w * 2, device=device).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x[..., ::2] if layout == "non_contiguous" else x[..., :w]
+
+
+def _run(block, steps):
+    """Run (input, mode) steps; collect outputs, gradients and buffers after each."""
+    results = {}
+    for index, (x, mode) in enumerate(steps):
+        block.train(mode == "train")
+        x = x.detach().clone().to(next(block.parameters()).dtype)
+        if mode == "no_grad":
+            with torch.no_grad():
+                results[f"{index} output"] = block(x)
+            continue
+        x.requires_grad_()
+        out = block(x)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=out.device)
+         .view_as(out)).sum().backward()
+        results[f"{index} output"] = out.detach()
+        results[f"{index} grad input"] = x.grad
+        for name, p in block.named_parameters():
+            results[f"{index} grad {name}"] = p.grad.clone()
+        block.zero_grad()
+        for name, b in block.named_buffers():
+            results[f"{index} buffer {name}"] = b.clone()
+    return results
+
+
+def _compare(case, dtype, device, layout):
+    block = build_plain(case).to(device)
+    steps = [(_input(case, 3, 7, 5, torch.float32, device, layout), "train"),
+             (_input(case, 2, 5, 3, torch.float32, device, layout), "train"),
+             (_input(case, 1, 5, 7, torch.float32, device, layout), "eval"),     # frozen BN
+             (_input(case, 3, 7, 5, torch.float32, device, layout), "no_grad")]  # folded BN
+    truth = _run(fused_resnet.convert(copy.deepcopy(block).double(), backend="reference"), steps)
+    eager = _run(fused_resnet.convert(copy.deepcopy(block).to(dtype), backend="reference"), steps)
+    fused_block = fused_resnet.convert(copy.deepcopy(block).to(dtype), backend="triton")
+    fused = _run(fused_block, steps)
+    for index, (x, _) in enumerate(steps):
+        out = fused[f"{index} output"]
+        assert out.dtype == dtype
+        channels_last_in = layout == "channels_last"
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last_in
+                                 else torch.contiguous_format)
+    assert errors_beyond_eager(fused, eager, truth) == []
+
+
+@pytest.mark.parametrize("case, layout", [(case, LAYOUTS[i % 3])
+                                          for i, case in enumerate(BLOCK_CASES)],
+                         ids=lambda v: case_id(v) if isinstance(v, tuple) else v)
+def test_triton_block_fp32(case, layout, device, poisoned_allocations):
+    _compare(case, torch.float32, device, layout)
+
+
+@pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[7]], ids=case_id)
+def test_triton_block_half_module_updates_running_statistics(case, device):
+    # A .half() module: fp16 weights, BN parameters and running statistics.
+    _compare(case, torch.float16, device, "channels_last")
+
+
+def test_triton_path_calls_no_aten_convolution_or_batch_norm(device):
+    block = fused_resnet.convert(build_plain(BLOCK_CASES[3]).to(device), backend="triton")
+    x = torch.randn(3, 6, 5, 5, device=device, requires_grad=True)
+    with torch.profiler.profile() as profile:
+        block.train()
+        block(x).sum().backward()
+        block.eval()
+        with torch.no_grad():
+            block(x)
+    names = {event.name for event in profile.events()}
+    forbidden = [n for n in names if "conv" in n.lower() and n.startswith("aten::")
+                 or "batch_norm" in n or "cudnn" in n]
+    assert forbidden == []
+    assert any("triton_conv" in n for n in names)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["resnet50", "preact_resnet50"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_triton_resnet50_training_step_within_eager_error(name, dtype):
+    # ResNet-50 sized shapes: too slow for the interpreter, so GPU only; every block kind
+    # is checked on CPU above.
+    from fused_resnet.testing import float64_copy, train_and_eval_step
+    torch.manual_seed(0)
+    model = getattr(fused_resnet.models, name)(num_classes=10, backend="reference").cuda()
+    images = torch.randn(8, 3, 64, 64, device="cuda").contiguous(
+        memory_format=torch.channels_last)
+    truth = train_and_eval_step(float64_copy(model), images.double())
+    eager = train_and_eval_step(copy.deepcopy(model).to(dtype), images.to(dtype))
+    fused_model = copy.deepcopy(model).to(dtype)
+    for block in fused_model.modules():
+        if isinstance(block, fused_resnet.blocks.FusedBlockMixin):
+            block.backend = "triton"
+    fused = train_and_eval_step(fused_model, images.to(dtype))
+    assert errors_beyond_eager(fused, eager, truth) == []
