@@ -7,7 +7,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import tuning
-from .conv_forward import dot_precision, relu_keeping_nan
+from .conv_forward import dot_precision, relu_keeping_nan, split_pixel_index
 
 _CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
@@ -44,9 +44,7 @@ def conv_dgrad_kernel(
     channels = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid = rows < M
     channel_valid = channels < C_in
-    w_ = rows % W
-    h_ = (rows // W) % H
-    image = (rows // (W * H)).to(tl.int64)
+    image, h_, w_ = split_pixel_index(rows, H, W)
     k_range = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in tl.static_range(KH * KW):
@@ -120,9 +118,7 @@ def conv_wgrad_kernel(
     for p0 in range(start, end, BLOCK_K):
         pixels = p0 + tl.arange(0, BLOCK_K)
         pixel_valid = pixels < end
-        wo = pixels % Wo
-        ho = (pixels // Wo) % Ho
-        image = (pixels // (Wo * Ho)).to(tl.int64)
+        image, ho, wo = split_pixel_index(pixels, Ho, Wo)
         hi = ho * STRIDE - PAD + kh
         wi = wo * STRIDE - PAD + kw
         x_valid = pixel_valid & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)

@@ -18,6 +18,12 @@ def relu_keeping_nan(v):
     return tl.where(v < 0, 0.0, v)
 
 
+@triton.jit
+def split_pixel_index(index, height, width):
+    """(image, row, column) of flat NHW pixel indices; image as int64 for the offsets."""
+    return (index // (width * height)).to(tl.int64), (index // width) % height, index % width
+
+
 @triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE"],
                  reset_to_zero=["count_ptr", "mean_ptr", "m2_ptr"])
 @triton.jit
@@ -50,9 +56,7 @@ def fused_conv_forward_kernel(
     channels = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid = rows < M
     channel_valid = channels < C_out
-    wo = rows % Wo
-    ho = (rows // Wo) % Ho
-    image = (rows // (Wo * Ho)).to(tl.int64)
+    image, ho, wo = split_pixel_index(rows, Ho, Wo)
     k_range = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in tl.static_range(KH * KW):
