@@ -16,8 +16,10 @@ $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	    $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
+# On a GPU the main job is the throughput benchmark; without one, the CPU demo.
 demo: $(STAMP)
-	$(PY) -m fused_resnet.demo
+	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	    $(PY) -m fused_resnet.bench; else $(PY) -m fused_resnet.demo; fi
 
 test: $(STAMP)
 	$(PY) -m pytest
