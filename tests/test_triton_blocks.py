@@ -117,9 +117,11 @@ def test_triton_resnet50_training_step_within_eager_error(name, dtype):
     assert errors_beyond_eager(fused, eager, truth) == []
 
 
-def test_triton_block_compiles_fullgraph_and_matches_eager(device):
+def test_triton_model_compiles_fullgraph_and_matches_eager(device):
     torch._dynamo.reset()
-    block = build_plain(BLOCK_CASES[1]).to(device)
+    # A projection block then an identity block, as a ResNet stage.
+    block = torch.nn.Sequential(build_plain(BLOCK_CASES[1]),
+                                build_plain(("basic", 7, 7, 1, False))).to(device)
     eager = fused_resnet.convert(block, backend="triton")
     compiled_block = fused_resnet.convert(block, backend="triton")
     compiled = torch.compile(compiled_block, fullgraph=True)
