@@ -35,8 +35,8 @@ except ImportError as error:  # triton missing or too old: the other backends st
     _TRITON_IMPORT_ERROR = f"triton could not be imported ({error})"
 
 BACKEND_NAMES = ("auto", "reference", "triton", "cuda")
-# Fastest first. A per-shape routing table measured on GPUs replaces this once the
-# kernels exist (see the benchmark issue).
+# Fastest first, by design intent: no GPU measurement exists yet. A per-shape routing
+# table measured by the benchmark replaces this (issue #5).
 AUTO_ORDER = ("cuda", "triton", "reference")
 
 
@@ -64,20 +64,20 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _triton_why_not(block: nn.Module, x: torch.Tensor, for_auto: bool) -> Optional[str]:
     if _TRITON_IMPORT_ERROR is not None:
         return _TRITON_IMPORT_ERROR
-    if for_auto and x.device.type == "cpu":
-        return ("the Triton interpreter runs CPU tensors for testing, far slower than the "
-                "reference; ask for backend='triton' explicitly to use it")
     if x.device.type == "cpu" and not _TRITON_INTERPRETED:
         return ("the input is on the CPU; Triton runs CPU tensors only under its interpreter "
                 "(set TRITON_INTERPRET=1 before importing fused_resnet)")
+    if for_auto and x.device.type == "cpu":
+        return ("the Triton interpreter runs CPU tensors for testing, far slower than the "
+                "reference; ask for backend='triton' explicitly to use it")
     if x.device.type not in ("cpu", "cuda"):
         return f"the input is on {x.device}, the triton backend runs CUDA tensors"
     if x.dtype not in _TRITON_DTYPES:
         return f"the input dtype is {x.dtype}; the triton kernels take float32, float16, bfloat16"
     if x.dtype == torch.bfloat16 and _TRITON_INTERPRETED:
         return "bfloat16 tl.dot gives wrong results under the Triton interpreter"
-    weights = [p for name, p in block.named_parameters() if name.endswith("weight") and p.dim() == 4]
-    mismatched = [p.dtype for p in weights if p.dtype != x.dtype]
+    conv_weights = [p for p in block.parameters() if p.dim() == 4]
+    mismatched = [p.dtype for p in conv_weights if p.dtype != x.dtype]
     if mismatched:
         return f"the input is {x.dtype} but conv weights are {mismatched[0]}"
     return None
