@@ -52,6 +52,9 @@ def triton_conv(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tenso
                 out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
                 statistics: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y channels_last, mean, var); mean/var are empty unless ``statistics``."""
+    if statistics and (out_scale is not None or residual is not None or out_relu):
+        raise ValueError("triton_conv: statistics are of the raw conv output; they cannot "
+                         "be combined with an epilogue (out_scale, residual, out_relu)")
     y, stats = conv_forward.fused_conv_forward(
         x, weight, stride, in_scale, in_shift, out_scale, out_shift,
         None if residual is None else _channels_last(residual), out_relu, statistics)
@@ -110,9 +113,6 @@ def _triton_conv_wgrad_fake(grad, x, weight, stride, in_scale, in_shift):
 def _conv_setup_context(ctx, inputs, output):
     x, weight, stride, in_scale, in_shift, out_scale, out_shift, residual, out_relu, stats = \
         inputs
-    if stats and (out_scale is not None or residual is not None or out_relu):
-        raise ValueError("triton_conv: statistics are of the raw conv output; they cannot "
-                         "be combined with an epilogue (out_scale, residual, out_relu)")
     y, mean, _ = output
     ctx.stride, ctx.out_relu, ctx.statistics = stride, out_relu, stats
     ctx.has_residual = residual is not None

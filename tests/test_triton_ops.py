@@ -214,3 +214,10 @@ def test_gradient_through_an_epilogue_scale_is_refused(device):
     y = _triton_conv(2, **inputs)[0]
     with pytest.raises(RuntimeError, match="gradients of out_scale/out_shift"):
         y.sum().backward()
+
+
+def test_statistics_with_an_epilogue_are_refused(device):
+    _, inputs = _conv_inputs(CONV_CASES[2], torch.float32, device, "epilogue")
+    with pytest.raises(ValueError, match="statistics are of the raw conv output"):
+        triton_conv(inputs["x"], inputs["weight"], 2, None, None, inputs["out_scale"],
+                    inputs["out_shift"], None, False, True)
