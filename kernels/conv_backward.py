@@ -7,7 +7,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import tuning
-from .conv_forward import dot_precision, relu_keeping_nan, split_pixel_index
+from .conv_forward import dot_precision, relu_keeping_nan, split_pixel_index, tile_indices
 
 _CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
@@ -38,12 +38,7 @@ def conv_dgrad_kernel(
     recomputes the ReLU mask from ``x``, writes grad_x = dL/da * mask * scale, and per-tile
     sums of dL/da * mask and dL/da * mask * x: the gradients of shift and scale.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    channels = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_valid = rows < M
-    channel_valid = channels < C_in
+    rows, channels, row_valid, channel_valid = tile_indices(M, C_in, BLOCK_M, BLOCK_N)
     image, h_, w_ = split_pixel_index(rows, H, W)
     k_range = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -73,7 +68,7 @@ def conv_dgrad_kernel(
         scale = tl.load(in_scale_ptr + channels, mask=channel_valid, other=0.0)
         shift = tl.load(in_shift_ptr + channels, mask=channel_valid, other=0.0)
         grad_pre = tl.where(mask & (x * scale[None, :] + shift[None, :] > 0), acc, 0.0)
-        offsets = pid_m * C_in + channels
+        offsets = tl.program_id(0) * C_in + channels
         tl.store(sum_ptr + offsets, tl.sum(grad_pre, axis=0), mask=channel_valid)
         tl.store(sum_x_ptr + offsets, tl.sum(grad_pre * x, axis=0), mask=channel_valid)
         acc = grad_pre * scale[None, :]
@@ -98,17 +93,11 @@ def conv_wgrad_kernel(
     relu(x * scale + shift) is recomputed from ``x`` while loading, with zero padding
     applied after it, exactly as the forward saw it.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_z = tl.program_id(2)
-    tap = pid_z % (KH * KW)
-    split = pid_z // (KH * KW)
+    out_channels, in_channels, out_valid, in_valid = tile_indices(C_out, C_in, BLOCK_M, BLOCK_N)
+    tap = tl.program_id(2) % (KH * KW)
+    split = tl.program_id(2) // (KH * KW)
     kh = tap // KW
     kw = tap % KW
-    out_channels = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_channels = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_valid = out_channels < C_out
-    in_valid = in_channels < C_in
     if PROLOGUE:
         scale = tl.load(in_scale_ptr + in_channels, mask=in_valid, other=0.0)
         shift = tl.load(in_shift_ptr + in_channels, mask=in_valid, other=0.0)

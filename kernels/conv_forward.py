@@ -19,6 +19,14 @@ def relu_keeping_nan(v):
 
 
 @triton.jit
+def tile_indices(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row and column indices of this program's [BLOCK_M, BLOCK_N] tile, and their masks."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    columns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, columns, rows < M, columns < N
+
+
+@triton.jit
 def split_pixel_index(index, height, width):
     """(image, row, column) of flat NHW pixel indices; image as int64 for the offsets."""
     return (index // (width * height)).to(tl.int64), (index // width) % height, index % width
@@ -48,14 +56,9 @@ def fused_conv_forward_kernel(
       prologue  a = relu(x * in_scale[c] + in_shift[c]), then zero padding: padded taps
                 contribute 0, not relu(in_shift);
       epilogue  y = [relu](acc * out_scale[n] + out_shift[n] [+ residual]);
-      statistics per-tile count/mean/M2 of acc for the next BatchNorm (row = pid_m).
+      statistics per-tile count/mean/M2 of acc for the next BatchNorm (one row per program along M).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    channels = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_valid = rows < M
-    channel_valid = channels < C_out
+    rows, channels, row_valid, channel_valid = tile_indices(M, C_out, BLOCK_M, BLOCK_N)
     image, ho, wo = split_pixel_index(rows, Ho, Wo)
     k_range = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -82,7 +85,7 @@ def fused_conv_forward_kernel(
             acc += tl.dot(a, b, input_precision=DOT_PRECISION)
 
     if STATISTICS:
-        store_tile_statistics(acc, row_valid, pid_m, channels, channel_valid,
+        store_tile_statistics(acc, row_valid, tl.program_id(0), channels, channel_valid,
                                          count_ptr, mean_ptr, m2_ptr, C_out)
     if OUT_AFFINE:
         scale = tl.load(out_scale_ptr + channels, mask=channel_valid, other=0.0)

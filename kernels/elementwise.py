@@ -12,7 +12,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import tuning
-from .conv_forward import relu_keeping_nan
+from .conv_forward import relu_keeping_nan, tile_indices
 from .statistics import merge, partial_buffers, store_tile_statistics
 
 _CONFIGS = tuning.elementwise_configs(("BLOCK_M", "BLOCK_C"))
@@ -21,10 +21,9 @@ _MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
 
 @triton.jit
 def _tile(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows, channels, row_valid, channel_valid = tile_indices(M, C, BLOCK_M, BLOCK_C)
     offsets = rows.to(tl.int64)[:, None] * C + channels[None, :]
-    return rows, channels, rows < M, channels < C, offsets
+    return rows, channels, row_valid, channel_valid, offsets
 
 
 @triton.jit
