@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -64,5 +62,25 @@ def build_plain(case) -> nn.Module:
     return randomize_batch_norms(block)
 
 
-def clone(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module)
+def run_steps(block: nn.Module, steps) -> dict[str, torch.Tensor]:
+    """Run (input, mode) steps; collect outputs, gradients and buffers after each."""
+    results = {}
+    for index, (x, mode) in enumerate(steps):
+        block.train(mode == "train")
+        x = x.detach().clone().to(next(block.parameters()).dtype)
+        if mode == "no_grad":
+            with torch.no_grad():
+                results[f"{index} output"] = block(x)
+            continue
+        x.requires_grad_()
+        out = block(x)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=out.device)
+         .view_as(out)).sum().backward()
+        results[f"{index} output"] = out.detach()
+        results[f"{index} grad input"] = x.grad
+        for name, p in block.named_parameters():
+            results[f"{index} grad {name}"] = p.grad.clone()
+        block.zero_grad()
+        for name, b in block.named_buffers():
+            results[f"{index} buffer {name}"] = b.clone()
+    return results

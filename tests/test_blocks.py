@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fused_resnet
-from blockcases import BLOCK_CASES, build_plain, case_id, clone, post_act_downsample
+from blockcases import BLOCK_CASES, build_plain, case_id, post_act_downsample
 from fused_resnet import plain
 from fused_resnet.testing import errors_beyond_eager, float64_copy
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import fused_resnet
-from blockcases import build_plain
+from blockcases import build_plain, run_steps
 from fused_resnet.testing import errors_beyond_eager
 
 
@@ -31,17 +31,6 @@ def block_configs(draw):
     return case, shape, draw(st.sampled_from(["train", "eval"]))
 
 
-def _step(block, x, mode):
-    block.train(mode == "train")
-    x = x.clone().requires_grad_()
-    out = block(x)
-    out.sum().backward()
-    results = {"output": out.detach(), "grad input": x.grad}
-    results.update({f"grad {n}": p.grad for n, p in block.named_parameters()})
-    results.update({f"buffer {n}": b for n, b in block.named_buffers()})
-    return results
-
-
 @given(block_configs())
 def test_triton_backend_matches_reference_on_drawn_blocks(config):
     case, (batch, h, w), mode = config
@@ -49,8 +38,9 @@ def test_triton_backend_matches_reference_on_drawn_blocks(config):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     block = build_plain(case).to(device)
     x = torch.randn(batch, case[1], h, w, device=device)
-    truth = _step(fused_resnet.convert(copy.deepcopy(block).double(), backend="reference"),
-                  x.double(), mode)
-    eager = _step(fused_resnet.convert(block, backend="reference"), x, mode)
-    fused = _step(fused_resnet.convert(block, backend="triton"), x, mode)
+    steps = [(x, mode)]
+    truth = run_steps(fused_resnet.convert(copy.deepcopy(block).double(), backend="reference"),
+                      steps)
+    eager = run_steps(fused_resnet.convert(block, backend="reference"), steps)
+    fused = run_steps(fused_resnet.convert(block, backend="triton"), steps)
     assert errors_beyond_eager(fused, eager, truth) == []

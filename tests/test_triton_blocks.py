@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fused_resnet
-from blockcases import BLOCK_CASES, build_plain, case_id
+from blockcases import BLOCK_CASES, build_plain, case_id, run_steps
 from fused_resnet.testing import errors_beyond_eager
 
 LAYOUTS = ["contiguous", "channels_last", "non_contiguous"]
@@ -24,40 +24,16 @@ def _input(case, batch, h, w, dtype, device, layout):
     return x[..., ::2] if layout == "non_contiguous" else x[..., :w]
 
 
-def _run(block, steps):
-    """Run (input, mode) steps; collect outputs, gradients and buffers after each."""
-    results = {}
-    for index, (x, mode) in enumerate(steps):
-        block.train(mode == "train")
-        x = x.detach().clone().to(next(block.parameters()).dtype)
-        if mode == "no_grad":
-            with torch.no_grad():
-                results[f"{index} output"] = block(x)
-            continue
-        x.requires_grad_()
-        out = block(x)
-        (out.float() * torch.linspace(-1, 1, out.numel(), device=out.device)
-         .view_as(out)).sum().backward()
-        results[f"{index} output"] = out.detach()
-        results[f"{index} grad input"] = x.grad
-        for name, p in block.named_parameters():
-            results[f"{index} grad {name}"] = p.grad.clone()
-        block.zero_grad()
-        for name, b in block.named_buffers():
-            results[f"{index} buffer {name}"] = b.clone()
-    return results
-
-
 def _compare(case, dtype, device, layout):
     block = build_plain(case).to(device)
     steps = [(_input(case, 3, 7, 5, torch.float32, device, layout), "train"),
              (_input(case, 2, 5, 3, torch.float32, device, layout), "train"),
              (_input(case, 1, 5, 7, torch.float32, device, layout), "eval"),     # frozen BN
              (_input(case, 3, 7, 5, torch.float32, device, layout), "no_grad")]  # folded BN
-    truth = _run(fused_resnet.convert(copy.deepcopy(block).double(), backend="reference"), steps)
-    eager = _run(fused_resnet.convert(copy.deepcopy(block).to(dtype), backend="reference"), steps)
+    truth = run_steps(fused_resnet.convert(copy.deepcopy(block).double(), backend="reference"), steps)
+    eager = run_steps(fused_resnet.convert(copy.deepcopy(block).to(dtype), backend="reference"), steps)
     fused_block = fused_resnet.convert(copy.deepcopy(block).to(dtype), backend="triton")
-    fused = _run(fused_block, steps)
+    fused = run_steps(fused_block, steps)
     for index, (x, _) in enumerate(steps):
         out = fused[f"{index} output"]
         assert out.dtype == dtype
