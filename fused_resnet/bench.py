@@ -27,6 +27,7 @@ import torch
 
 import fused_resnet
 from fused_resnet import models
+from fused_resnet.testing import rms
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "preact_resnet18",
           "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152"]
@@ -98,8 +99,7 @@ def _step(model: torch.nn.Module, images: torch.Tensor, train: bool,
 
 
 def _relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    difference = (a.double() - b.double()).square().mean().sqrt()
-    return float(difference / b.double().square().mean().sqrt().clamp_min(1e-30))
+    return rms(a.double() - b.double()) / max(rms(b), 1e-30)
 
 
 def _timer(device: str) -> Callable[[Callable[[], None]], float]:

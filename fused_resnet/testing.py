@@ -42,7 +42,8 @@ def float64_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).double()
 
 
-def _rms(t: torch.Tensor) -> float:
+def rms(t: torch.Tensor) -> float:
+    """Root-mean-square of ``t`` in fp64 (0 for an empty tensor)."""
     return float(t.double().square().mean().sqrt()) if t.numel() else 0.0
 
 
@@ -61,9 +62,9 @@ def errors_beyond_eager(fused: dict[str, torch.Tensor], eager: dict[str, torch.T
             if not torch.equal(fused[name], reference):
                 failures.append(f"{name}: {fused[name].tolist()} != {reference.tolist()}")
             continue
-        floor = 4 * torch.finfo(eager[name].dtype).eps * max(1.0, _rms(reference))
-        fused_error = _rms(fused[name].double() - reference)
-        eager_error = _rms(eager[name].double() - reference)
+        floor = 4 * torch.finfo(eager[name].dtype).eps * max(1.0, rms(reference))
+        fused_error = rms(fused[name].double() - reference)
+        eager_error = rms(eager[name].double() - reference)
         if fused_error > factor * eager_error + floor:
             failures.append(f"{name}: fused RMS error {fused_error:.3e} > {factor} x eager's "
                             f"{eager_error:.3e} + {floor:.1e}")
