@@ -142,7 +142,7 @@ def extensions_and_commands() -> tuple[list, dict]:
 
 ext_modules, cmdclass = extensions_and_commands()
 setup(
-    packages=["fused_resnet", "fused_resnet.kernels"],
+    packages=["fused_resnet", "fused_resnet.bench", "fused_resnet.kernels"],
     package_dir={"fused_resnet.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

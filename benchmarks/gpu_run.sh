@@ -1,25 +1,52 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine does in one device call: build the extension, run the GPU
-# tests, run the ResNet-50 benchmarks. Logs and JSON go under $OUT (the device tool brings
-# them back); copy the JSON into benchmarks/results/ with the run's date and device.
-#   device run: bash benchmarks/gpu_run.sh
+# Everything a lent GPU machine does, in one device call: build the extension, run the GPU
+# tests, run the recorded benchmarks. Logs, JSON, markdown tables and charts go under $OUT
+# (the device tool brings them back); commit them to benchmarks/results/<date>-<device>/.
+#   device run:  bash benchmarks/gpu_run.sh [build] [tests] [models] [blocks] [suites]
+# With no part named it runs build, tests, models and blocks; a device call is limited to
+# 10 minutes, so a long session runs the parts in separate calls (build is kept between
+# calls on a warm machine).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/local}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+parts=${*:-build tests models blocks}
+wants() { [[ " $parts " == *" $1 "* ]]; }
+
 {
     nvidia-smi
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
     git rev-parse HEAD
 } > "$OUT/environment.txt" 2>&1
 
-python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-    || { tail -30 "$OUT/build.log"; exit 1; }
+if wants build; then
+    start=$SECONDS
+    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+        || { tail -30 "$OUT/build.log"; exit 1; }
+    echo "extension build: $((SECONDS - start)) s" | tee -a "$OUT/build.log"
+fi
 
-python3 -m pytest -q -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+if wants tests; then
+    python3 -m pytest -q -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+fi
 
-for mode in train eval; do
-    python3 -m fused_resnet.bench --model resnet50 --mode "$mode" --dtype bf16 \
-        --batch-size 256 --json "$OUT/resnet50_${mode}_bf16.json" 2>&1 \
-        | tee "$OUT/resnet50_${mode}_bf16.txt"
-done
+bench() {  # name, then fused-resnet-bench arguments
+    local name=$1; shift
+    python3 -m fused_resnet.bench "$@" --json "$OUT/$name.json" --plot "$OUT/$name.png" \
+        2>&1 | tee "$OUT/$name.txt"
+    python3 -m fused_resnet.bench.report "$OUT/$name.json" > "$OUT/$name.md"
+}
+
+if wants models; then
+    bench resnet50_bf16 --model resnet50 --mode train eval --dtype bf16 --batch-size 256
+fi
+
+if wants blocks; then
+    bench blocks_bf16 --model resnet50 resnet18 --blocks --mode train eval --dtype bf16 \
+        --batch-size 128 256 --warmup 5 --iterations 20
+fi
+
+if wants suites; then
+    python3 -m pytest benchmarks -q --benchmark-json="$OUT/suites.json" 2>&1 \
+        | tee "$OUT/suites.log" | tail -40
+fi
