@@ -46,22 +46,31 @@ class BackendUnavailableError(RuntimeError):
 
 class Backend(NamedTuple):
     name: str
-    # why_not(block, x, for_auto) -> None when the backend can run ``block`` on ``x``, else
+    # why_not(x, arguments, for_auto) -> None when the backend can run the block function
+    # on ``x`` with ``arguments`` (those of fused_resnet.structure.block_arguments), else
     # the reason; ``for_auto`` adds the reasons to skip it in 'auto' only (too slow).
-    why_not: Callable[[nn.Module, torch.Tensor, bool], Optional[str]]
+    why_not: Callable[[torch.Tensor, dict, bool], Optional[str]]
     # The four block functions, same signatures as fused_resnet.reference; None until the
     # backend's kernels exist (its why_not then always gives a reason).
     functions: Optional[types.ModuleType]
 
 
-def _reference_why_not(block: nn.Module, x: torch.Tensor, for_auto: bool) -> Optional[str]:
+def conv_weights(arguments: dict) -> list[torch.Tensor]:
+    """The convolution weights among a block function's arguments, projection included."""
+    weights = [v for v in arguments.values() if isinstance(v, torch.Tensor)]
+    if arguments.get("shortcut") is not None:
+        weights.append(arguments["shortcut"].weight)
+    return weights
+
+
+def _reference_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optional[str]:
     return None
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_why_not(block: nn.Module, x: torch.Tensor, for_auto: bool) -> Optional[str]:
+def _triton_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optional[str]:
     if _TRITON_IMPORT_ERROR is not None:
         return _TRITON_IMPORT_ERROR
     if x.device.type == "cpu" and not _TRITON_INTERPRETED:
@@ -76,14 +85,13 @@ def _triton_why_not(block: nn.Module, x: torch.Tensor, for_auto: bool) -> Option
         return f"the input dtype is {x.dtype}; the triton kernels take float32, float16, bfloat16"
     if x.dtype == torch.bfloat16 and _TRITON_INTERPRETED:
         return "bfloat16 tl.dot gives wrong results under the Triton interpreter"
-    conv_weights = [p for p in block.parameters() if p.dim() == 4]
-    mismatched = [p.dtype for p in conv_weights if p.dtype != x.dtype]
+    mismatched = [w.dtype for w in conv_weights(arguments) if w.dtype != x.dtype]
     if mismatched:
         return f"the input is {x.dtype} but conv weights are {mismatched[0]}"
     return None
 
 
-def _cuda_why_not(block: nn.Module, x: torch.Tensor, for_auto: bool) -> Optional[str]:
+def _cuda_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optional[str]:
     load_error = extension.load_error()
     if load_error is not None:
         return f"the C++/CUDA extension fused_resnet._C is not available ({load_error})"
@@ -139,20 +147,22 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def select(block: nn.Module, x: torch.Tensor, requested: Optional[str]) -> Backend:
-    """The backend that runs ``block`` on ``x`` (see the module docstring for the rules)."""
+def select(block: nn.Module, x: torch.Tensor, arguments: dict,
+           requested: Optional[str]) -> Backend:
+    """The backend that runs ``block`` on ``x`` with its block function's ``arguments``
+    (see the module docstring for the rules)."""
     name = requested or get_backend()
     block_name = type(block).__name__
     if name != "auto":
         backend = BACKENDS[name]
-        reason = backend.why_not(block, x, False)
+        reason = backend.why_not(x, arguments, False)
         if reason is not None:
             raise BackendUnavailableError(f"backend={name!r} cannot run {block_name}: {reason}")
         return backend
     skipped = []
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
-        reason = backend.why_not(block, x, True)
+        reason = backend.why_not(x, arguments, True)
         if reason is None:
             if skipped:
                 _warn_once(f"fused_resnet: backend='auto' runs {block_name} on {candidate!r}; "

@@ -40,9 +40,33 @@ class FusedBlockMixin:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__}: expected input of shape "
                              f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        backend = backends.select(self, x, self.backend)
-        block_function = getattr(backend.functions, self.spec.function)
-        return block_function(x, **structure.block_arguments(self, self.spec))
+        arguments = structure.block_arguments(self, self.spec)
+        if torch.is_autocast_enabled(x.device.type):
+            return self._autocast_forward(x, arguments)
+        return self._run(x, arguments)
+
+    def _run(self, x: torch.Tensor, arguments: dict) -> torch.Tensor:
+        backend = backends.select(self, x, arguments, self.backend)
+        if x.shape[0] == 0:  # nothing to compute: no kernel launches on an empty grid
+            backend = backends.BACKENDS["reference"]
+        return getattr(backend.functions, self.spec.function)(x, **arguments)
+
+    def _autocast_forward(self, x: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """The block under ``torch.autocast``: convolutions in the autocast dtype, as eager
+        PyTorch runs them, with BatchNorm parameters and statistics kept in their own
+        dtype. The output dtype is eager's: the autocast dtype, promoted with the input's
+        when the identity shortcut adds the input itself."""
+        dtype = torch.get_autocast_dtype(x.device.type)
+        for name in self.spec.convs:
+            arguments[name] = arguments[name].to(dtype)
+        if arguments["shortcut"] is not None:
+            arguments["shortcut"] = arguments["shortcut"]._replace(
+                weight=arguments["shortcut"].weight.to(dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            out = self._run(x.to(dtype), arguments)
+        output_dtype = dtype if self.downsample is not None else torch.promote_types(dtype,
+                                                                                     x.dtype)
+        return out.to(output_dtype)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

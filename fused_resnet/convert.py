@@ -126,8 +126,12 @@ def _fused_from(block: nn.Module, spec: structure.BlockSpec, backend: str) -> nn
 
 def _convert_tree(module: nn.Module, prefix: str, backend: str, use_count: dict[int, int],
                   report: ConversionReport) -> nn.Module:
-    """``module`` with every fusable block below it (or itself) swapped."""
+    """``module`` with every fusable block below it (or itself) swapped, and every block
+    that was already fused moved to ``backend``."""
     if isinstance(module, FusedBlockMixin):
+        module.backend = backend
+        report.swapped.append(SwappedBlock(prefix, _qualified_name(module),
+                                           _qualified_name(module)))
         return module
     spec = _looks_like_block(module)
     if spec is not None:
@@ -147,15 +151,21 @@ def _convert_tree(module: nn.Module, prefix: str, backend: str, use_count: dict[
     return module
 
 
-def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
+            sync_bn: bool = False, process_group: Optional[object] = None) -> nn.Module:
     """Swap every residual block of ``model`` that can be fused for its fused module.
 
     Args:
         model: a torchvision ResNet, a timm ResNet or ResNetV2, any model built from such
-            blocks, or a single block (then the fused block is returned).
+            blocks, or a single block (then the fused block is returned). Blocks that are
+            already fused stay, moved to ``backend``.
         backend: the backend the fused blocks use ("auto", "reference", "triton", "cuda",
             or None to follow the process-wide default).
         inplace: modify ``model`` itself; by default a deep copy is converted.
+        sync_bn: also turn every ``nn.BatchNorm2d`` into ``nn.SyncBatchNorm``
+            (``nn.SyncBatchNorm.convert_sync_batchnorm``), so that training normalizes
+            with the statistics of the whole ``process_group`` (default: the world). The
+            fused blocks merge their kernels' per-channel statistics over the group.
 
     Returns:
         The converted model. Its ``fusion_report`` attribute is a
@@ -171,6 +181,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
         use_count[id(module)] = use_count.get(id(module), 0) + 1
     report = ConversionReport([], [])
     converted = _convert_tree(model, "", backend, use_count, report)
+    if sync_bn:
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(converted, process_group)
     converted.fusion_report = report
     return converted
 

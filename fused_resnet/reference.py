@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -32,13 +33,16 @@ class BatchNormParams(NamedTuple):
     momentum: Optional[float]
     eps: float
     training: bool
+    # The process group whose batch statistics are merged (SyncBatchNorm), or None.
+    process_group: Optional[object] = None
 
     @classmethod
     def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> "BatchNormParams":
         # The layer's own ``training`` flag, not its parent's: a frozen BN (bn.eval() inside a
         # training model, as detection models do) must keep using running statistics.
         return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                   bn.num_batches_tracked, bn.momentum, bn.eps, bn.training)
+                   bn.num_batches_tracked, bn.momentum, bn.eps, bn.training,
+                   _sync_group(bn))
 
     @property
     def uses_batch_stats(self) -> bool:
@@ -50,6 +54,16 @@ class Projection(NamedTuple):
 
     weight: Tensor
     bn: Optional[BatchNormParams]
+
+
+def _sync_group(bn: torch.nn.Module) -> Optional[object]:
+    """The group ``bn`` synchronizes over, with ``nn.SyncBatchNorm``'s rule: a training
+    SyncBatchNorm in an initialized process group of more than one process."""
+    if not (isinstance(bn, torch.nn.SyncBatchNorm) and bn.training
+            and dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,6 +96,27 @@ def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     mean = xf.mean(dim=(0, 2, 3))
     var = (xf - _per_channel(mean)).square().mean(dim=(0, 2, 3))
     return mean, var
+
+
+def synchronized_statistics(mean: Tensor, var: Tensor, count: int,
+                            group: object) -> tuple[Tensor, Tensor, int]:
+    """Merge per-process batch statistics over ``group``: the mean, biased variance and
+    count of the union of every process's batch, as ``nn.SyncBatchNorm`` computes them.
+
+    Two differentiable all-reduces (so gradients flow to every process's statistics, as
+    SyncBatchNorm's backward does): the counts and count-weighted means give the global
+    mean; then each process's squared deviations, measured from that mean (robust when
+    |mean| >> std), give the global variance.
+    """
+    from torch.distributed.nn.functional import all_reduce
+    if count == 0:  # an empty local batch contributes nothing (its own mean is NaN)
+        mean, var = torch.zeros_like(mean), torch.zeros_like(var)
+    totals = all_reduce(torch.cat([mean.new_full((1,), float(count)), mean * count]),
+                        group=group)
+    total_count = int(totals[0].item())
+    global_mean = totals[1:] / total_count
+    squares = all_reduce(count * (var + (mean - global_mean).square()), group=group)
+    return global_mean, squares / total_count, total_count
 
 
 def update_running_stats(bn: BatchNormParams, mean: Tensor, var: Tensor, count: int) -> None:
@@ -118,10 +153,20 @@ def normalization(bn: BatchNormParams, count: int,
     every backend computes them its own way and shares this step.
     """
     if bn.uses_batch_stats:
+        mean, var = batch_stats
+        if bn.process_group is not None:
+            mean, var, count = synchronized_statistics(mean, var, count, bn.process_group)
         if bn.training and count == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got {count} value per channel")
-        mean, var = batch_stats
+        if count == 0:
+            # nn.BatchNorm2d on an empty batch: an empty output, the running statistics
+            # left alone, num_batches_tracked still counted; the scale and shift only need
+            # to exist (and depend on the affine parameters, whose gradient is then zero).
+            if bn.training and bn.num_batches_tracked is not None:
+                with torch.no_grad():
+                    bn.num_batches_tracked.add_(1)
+            return bn_scale_shift(torch.zeros_like(mean), torch.ones_like(var), bn)
         if bn.training and bn.running_mean is not None:
             update_running_stats(bn, mean, var, count)
     else:
@@ -133,9 +178,14 @@ def normalization(bn: BatchNormParams, count: int,
 def batch_norm(x: Tensor, bn: BatchNormParams, relu: bool = False,
                residual: Optional[Tensor] = None) -> Tensor:
     """``[relu](batch_norm(x) [+ residual])`` with ``nn.BatchNorm2d`` semantics."""
-    batch_stats = batch_statistics(x) if bn.uses_batch_stats else None
+    # One upcast feeds both the statistics and the normalization, so that in backward the
+    # two gradients (which largely cancel) are summed in fp32 and rounded to x's dtype
+    # once, as PyTorch's batch_norm backward does; rounding each to fp16 first doubles
+    # the error of the input gradient.
+    xf = x.to(_accumulation_dtype(x.dtype))
+    batch_stats = batch_statistics(xf) if bn.uses_batch_stats else None
     scale, shift = normalization(bn, x.numel() // x.shape[1], batch_stats)
-    return scale_shift_add_relu(x, scale, shift, residual, relu)
+    return scale_shift_add_relu(xf, scale, shift, residual, relu).to(x.dtype)
 
 
 def conv(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:

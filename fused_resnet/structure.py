@@ -74,8 +74,10 @@ def conv_problem(name: str, conv: Optional[nn.Module], kernel: int) -> Optional[
 
 def norm_problem(name: str, norm: Optional[nn.Module], channels: int,
                  pre_act: bool) -> Optional[str]:
-    if not (type(norm) is nn.BatchNorm2d or (pre_act and _is_timm_relu_batch_norm(norm))):
-        return f"{name} is {type(norm).__name__}, expected plain nn.BatchNorm2d"
+    if not (type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+            or (pre_act and _is_timm_relu_batch_norm(norm))):
+        return (f"{name} is {type(norm).__name__}, expected plain nn.BatchNorm2d or "
+                "nn.SyncBatchNorm")
     if norm.num_features != channels:
         return f"{name}.num_features={norm.num_features}, expected {channels}"
     return None

@@ -85,10 +85,7 @@ def test_triton_resnet50_training_step_within_eager_error(name, dtype):
         memory_format=torch.channels_last)
     truth = train_and_eval_step(float64_copy(model), images.double())
     eager = train_and_eval_step(copy.deepcopy(model).to(dtype), images.to(dtype))
-    fused_model = copy.deepcopy(model).to(dtype)
-    for block in fused_model.modules():
-        if isinstance(block, fused_resnet.blocks.FusedBlockMixin):
-            block.backend = "triton"
+    fused_model = fused_resnet.convert(model.to(dtype), backend="triton")
     fused = train_and_eval_step(fused_model, images.to(dtype))
     assert errors_beyond_eager(fused, eager, truth) == []
 

@@ -56,11 +56,7 @@ def contender_module(name: str, fused: nn.Module) -> nn.Module:
     if name == "eager" or name in COMPILED:
         eager = fused_resnet.unfuse(fused)
         return eager if name == "eager" else torch.compile(eager, mode=COMPILED[name])
-    fused = copy.deepcopy(fused)
-    for block in fused.modules():
-        if isinstance(block, FusedBlockMixin):
-            block.backend = name
-    return fused
+    return fused_resnet.convert(fused, backend=name)
 
 
 def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:

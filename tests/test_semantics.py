@@ -1,0 +1,256 @@
+"""What a ResNet training loop relies on, for every backend: autocast, checkpointing,
+export, whole-model compilation, empty batches, NaN propagation, deterministic mode,
+frozen parameters, converted in-place torchvision blocks.
+
+Each test runs on the reference and triton backends in CI (triton under the interpreter)
+and on the cuda backend on a GPU; a backend that cannot run the configuration is skipped
+with its reason.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_resnet
+from blockcases import (BLOCK_CASES, build_plain, case_id, post_act_downsample,
+                        randomize_batch_norms)
+from fused_resnet import backends, plain, structure
+from fused_resnet.blocks import FusedBlockMixin
+from fused_resnet.testing import errors_beyond_eager
+
+def _backend_param(name: str, *marks):
+    return pytest.param(name, marks=[*marks, *([pytest.mark.gpu] if name == "cuda" else [])],
+                        id=name)
+
+
+BACKENDS = [_backend_param(name) for name in ("reference", "triton", "cuda")]
+# One block of each kind, with and without a projection.
+KIND_CASES = [BLOCK_CASES[i] for i in (1, 2, 4, 7)]
+
+
+def fused_copy(module: nn.Module, backend: str, x: torch.Tensor) -> nn.Module:
+    """``module`` converted to ``backend``; skips the test when the backend cannot run it."""
+    fused = fused_resnet.convert(module, backend=backend)
+    block = next(m for m in fused.modules() if isinstance(m, FusedBlockMixin))
+    arguments = structure.block_arguments(block, block.spec)
+    reason = backends.BACKENDS[backend].why_not(x.to(block.conv1.weight.dtype), arguments,
+                                                False)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+    return fused
+
+
+def train_step(model: nn.Module, x: torch.Tensor, autocast_dtype=None) -> dict:
+    """Outputs, input and parameter gradients and buffers after one training step."""
+    model.train()
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float16,
+                        enabled=autocast_dtype is not None):
+        out = model(x)
+    (out.float() * torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out)
+     ).sum().backward()
+    results = {"output": out.detach(), "grad input": x.grad}
+    results.update({f"grad {n}": p.grad for n, p in model.named_parameters()
+                    if p.grad is not None})
+    results.update({f"buffer {n}": b for n, b in model.named_buffers()})
+    return results
+
+
+def stem_then(block: nn.Module) -> nn.Sequential:
+    """A conv-BN-ReLU stem (in-place ReLU, as torchvision's) in front of ``block``."""
+    cin = block.conv1.in_channels
+    return nn.Sequential(nn.Conv2d(3, cin, 3, padding=1, bias=False), nn.BatchNorm2d(cin),
+                         nn.ReLU(inplace=True), block)
+
+
+# A known precision gap, kept visible: in a pre-activation block with a projection, the
+# triton backward rounds three gradients of the block input to fp16 separately (the dgrads
+# of conv1 and of the projection through their BN-ReLU prologues, and the BN statistics
+# term) before autograd sums them; eager sums in fp32 inside batch_norm's backward and
+# rounds once. The input gradient stays within 1.1x eager's error, but the upstream BN's
+# weight and bias gradients (sums of it) reach 2-4x. The fix is the fp32 BN-backward
+# pass of issue #3's notes.
+_PRE_ACT_PROJECTION_GAP = pytest.mark.xfail(
+    strict=True, reason="triton pre-act projection backward: upstream BN gradients 2-4x "
+    "eager's fp16 error (three separately rounded input-gradient terms)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", KIND_CASES, ids=case_id)
+def test_autocast_with_fp32_parameters_is_within_eager_error(case, backend, device, request):
+    if case[0].startswith("preact") and case[4] and backend == "triton":
+        request.applymarker(_PRE_ACT_PROJECTION_GAP)
+    model = stem_then(build_plain(case)).to(device)
+    x = torch.randn(3, 3, 6, 5, device=device)
+    fused = fused_copy(model, backend, x)
+    # fp16 runs under the Triton interpreter as on GPUs (bf16 tl.dot does not, DESIGN.md).
+    dtype = torch.float16
+    truth = train_step(copy.deepcopy(model).double(), x.double())
+    eager = train_step(model, x, dtype)
+    result = train_step(fused, x, dtype)
+    assert result["output"].dtype == eager["output"].dtype
+    assert all(p.dtype == torch.float32 for p in fused.parameters())
+    assert errors_beyond_eager(result, eager, truth) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [BLOCK_CASES[0], BLOCK_CASES[1]], ids=case_id)
+def test_autocast_output_dtype_is_eagers_for_an_fp32_input(case, backend, device):
+    # Identity shortcut: the fp32 input is added to the fp16 branch, so eager gives fp32;
+    # a projection shortcut is fp16 itself.
+    block = build_plain(case).to(device)
+    x = torch.randn(2, case[1], 5, 5, device=device)
+    fused = fused_copy(block, backend, x)
+    with torch.autocast(device, dtype=torch.float16):
+        assert fused(x).dtype == block(x).dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [BLOCK_CASES[3], BLOCK_CASES[6]], ids=case_id)
+def test_checkpointing_gives_eagers_gradients_and_running_statistics(case, backend, device):
+    # Checkpointing reruns the forward in backward, so PyTorch updates the running
+    # statistics (and num_batches_tracked) twice; the fused blocks must do the same.
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return checkpoint(self.block, x, use_reentrant=False)
+
+    block = build_plain(case).to(device)
+    x = torch.randn(3, case[1], 5, 6, device=device)
+    fused = Checkpointed(fused_copy(block, backend, x))
+    truth = train_step(Checkpointed(copy.deepcopy(block).double()), x.double())
+    eager = train_step(Checkpointed(block), x)
+    result = train_step(fused, x)
+    assert int(result["buffer block.bn1.num_batches_tracked" if case[0] == "bottleneck"
+                      else "buffer block.norm1.num_batches_tracked"]) == 2
+    assert errors_beyond_eager(result, eager, truth) == []
+
+
+def _small_resnet(kind: str) -> nn.Module:
+    """A whole network of fused blocks, narrow enough for the Triton interpreter: stem,
+    an identity block, a strided projection block, pooling and a classifier."""
+    torch.manual_seed(0)
+    if kind == "post":
+        blocks = [plain.BasicBlock(8, 8),
+                  plain.Bottleneck(8, 4, stride=2, downsample=post_act_downsample(8, 16, 2))]
+    else:
+        blocks = [plain.PreActBasicBlock(8, 8), plain.PreActBottleneck(8, 16, stride=2)]
+    return randomize_batch_norms(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["post", "pre"])
+def test_whole_model_compiles_fullgraph_in_train_and_eval(kind, backend, device):
+    torch._dynamo.reset()
+    x = torch.randn(3, 3, 6, 6, device=device)
+    model = _small_resnet(kind).to(device)
+    fused = fused_copy(model, backend, x)
+    compiled_model = copy.deepcopy(fused)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    # Compilation reorders fp32 arithmetic: compare both runs with an fp64 run.
+    truth = train_step(copy.deepcopy(model).double(), x.double())
+    actual = {name.replace("_orig_mod.", ""): value
+              for name, value in train_step(compiled, x).items()}
+    assert errors_beyond_eager(actual, train_step(fused, x), truth) == []
+    fused.eval()
+    compiled_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), fused(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_model_exports(backend, device):
+    x = torch.randn(2, 3, 6, 6, device=device)
+    model = fused_copy(_small_resnet("post").to(device), backend, x).eval()
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_unfused_model_scripts_for_torchscript_users():
+    model = fused_resnet.convert(_small_resnet("pre"), backend="reference").eval()
+    x = torch.randn(2, 3, 6, 6)
+    scripted = torch.jit.script(fused_resnet.unfuse(model))
+    torch.testing.assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", KIND_CASES, ids=case_id)
+def test_empty_batch_behaves_as_pytorch(case, backend, device):
+    block = build_plain(case).to(device)
+    x = torch.randn(0, case[1], 5, 5, device=device)
+    fused = fused_copy(block, backend, torch.randn(2, case[1], 5, 5, device=device))
+    eager, result = train_step(block, x), train_step(fused, x)
+    assert result.keys() == eager.keys()
+    for name in eager:   # empty outputs, zero gradients, buffers as PyTorch leaves them
+        torch.testing.assert_close(result[name], eager[name], msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[6]], ids=case_id)
+def test_nan_and_inf_propagate_as_in_pytorch(case, mode, backend, device):
+    block = build_plain(case).to(device).train(mode == "train")
+    x = torch.randn(3, case[1], 5, 5, device=device)
+    x[1, 0, 2, 2] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    fused = fused_copy(block, backend, x)
+    with torch.no_grad():
+        expected, actual = block(x), fused(x)
+    torch.testing.assert_close(actual.isnan(), expected.isnan())
+    torch.testing.assert_close(actual.isinf(), expected.isinf())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_mode_gives_bitwise_equal_runs(backend, device):
+    block = build_plain(BLOCK_CASES[3]).to(device)
+    x = torch.randn(3, 6, 7, 5, device=device)
+    fused = fused_copy(block, backend, x)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [train_step(copy.deepcopy(fused), x) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[7]], ids=case_id)
+def test_frozen_parameters_get_no_gradient(case, backend, device):
+    block = build_plain(case).to(device)
+    for name, p in block.named_parameters():
+        if name.startswith(("conv1", "bn2", "norm2", "downsample")):
+            p.requires_grad_(False)
+    x = torch.randn(3, case[1], 5, 5, device=device)
+    fused = fused_copy(block, backend, x)
+    truth = train_step(copy.deepcopy(block).double(), x.double())
+    eager, result = train_step(block, x), train_step(fused, x)
+    assert result.keys() == eager.keys()
+    assert errors_beyond_eager(result, eager, truth) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_converted_torchvision_stage_with_in_place_ops_trains(backend, device):
+    torchvision = pytest.importorskip("torchvision")
+    # torchvision blocks use ReLU(inplace=True) and `out += identity`; the stem's in-place
+    # ReLU writes the tensor the first block reads.
+    stage = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU(inplace=True),
+                          torchvision.models.resnet.BasicBlock(8, 8),
+                          torchvision.models.resnet.BasicBlock(8, 8)).to(device)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    fused = fused_copy(stage, backend, x)
+    assert len(fused.fusion_report.swapped) == 2
+    truth = train_step(copy.deepcopy(stage).double(), x.double())
+    eager, result = train_step(stage, x), train_step(fused, x)
+    assert errors_beyond_eager(result, eager, truth) == []
