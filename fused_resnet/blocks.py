@@ -41,7 +41,9 @@ class FusedBlockMixin:
             raise ValueError(f"{type(self).__name__}: expected input of shape "
                              f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         arguments = structure.block_arguments(self, self.spec)
-        if torch.is_autocast_enabled(x.device.type):
+        device_type = x.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
+                device_type):
             return self._autocast_forward(x, arguments)
         return self._run(x, arguments)
 
