@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -62,24 +64,33 @@ def build_plain(case) -> nn.Module:
     return randomize_batch_norms(block)
 
 
-def run_steps(block: nn.Module, steps) -> dict[str, torch.Tensor]:
-    """Run (input, mode) steps; collect outputs, gradients and buffers after each."""
+def run_steps(block: nn.Module, steps,
+              autocast_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Run (input, mode) steps; collect outputs, gradients and buffers after each.
+
+    With ``autocast_dtype`` the forwards run under ``torch.autocast`` in that dtype.
+    Parameters that get no gradient (``requires_grad=False``) have no entry.
+    """
     results = {}
     for index, (x, mode) in enumerate(steps):
         block.train(mode == "train")
         x = x.detach().clone().to(next(block.parameters()).dtype)
+        autocast = torch.autocast(x.device.type, dtype=autocast_dtype or torch.float16,
+                                  enabled=autocast_dtype is not None)
         if mode == "no_grad":
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 results[f"{index} output"] = block(x)
             continue
         x.requires_grad_()
-        out = block(x)
+        with autocast:
+            out = block(x)
         (out.float() * torch.linspace(-1, 1, out.numel(), device=out.device)
          .view_as(out)).sum().backward()
         results[f"{index} output"] = out.detach()
         results[f"{index} grad input"] = x.grad
         for name, p in block.named_parameters():
-            results[f"{index} grad {name}"] = p.grad.clone()
+            if p.grad is not None:
+                results[f"{index} grad {name}"] = p.grad.clone()
         block.zero_grad()
         for name, b in block.named_buffers():
             results[f"{index} buffer {name}"] = b.clone()

@@ -15,7 +15,7 @@ from torch import nn
 
 import fused_resnet
 from blockcases import (BLOCK_CASES, build_plain, case_id, post_act_downsample,
-                        randomize_batch_norms)
+                        randomize_batch_norms, run_steps)
 from fused_resnet import backends, plain, structure
 from fused_resnet.blocks import FusedBlockMixin
 from fused_resnet.testing import errors_beyond_eager
@@ -43,19 +43,8 @@ def fused_copy(module: nn.Module, backend: str, x: torch.Tensor) -> nn.Module:
 
 
 def train_step(model: nn.Module, x: torch.Tensor, autocast_dtype=None) -> dict:
-    """Outputs, input and parameter gradients and buffers after one training step."""
-    model.train()
-    x = x.detach().clone().requires_grad_()
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float16,
-                        enabled=autocast_dtype is not None):
-        out = model(x)
-    (out.float() * torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out)
-     ).sum().backward()
-    results = {"output": out.detach(), "grad input": x.grad}
-    results.update({f"grad {n}": p.grad for n, p in model.named_parameters()
-                    if p.grad is not None})
-    results.update({f"buffer {n}": b for n, b in model.named_buffers()})
-    return results
+    """One training step's outputs, gradients and buffers (keys "0 ...", see run_steps)."""
+    return run_steps(model, [(x, "train")], autocast_dtype)
 
 
 def stem_then(block: nn.Module) -> nn.Sequential:
@@ -90,7 +79,7 @@ def test_autocast_with_fp32_parameters_is_within_eager_error(case, backend, devi
     truth = train_step(copy.deepcopy(model).double(), x.double())
     eager = train_step(model, x, dtype)
     result = train_step(fused, x, dtype)
-    assert result["output"].dtype == eager["output"].dtype
+    assert result["0 output"].dtype == eager["0 output"].dtype
     assert all(p.dtype == torch.float32 for p in fused.parameters())
     assert errors_beyond_eager(result, eager, truth) == []
 
@@ -128,8 +117,8 @@ def test_checkpointing_gives_eagers_gradients_and_running_statistics(case, backe
     truth = train_step(Checkpointed(copy.deepcopy(block).double()), x.double())
     eager = train_step(Checkpointed(block), x)
     result = train_step(fused, x)
-    assert int(result["buffer block.bn1.num_batches_tracked" if case[0] == "bottleneck"
-                      else "buffer block.norm1.num_batches_tracked"]) == 2
+    assert int(result["0 buffer block.bn1.num_batches_tracked" if case[0] == "bottleneck"
+                      else "0 buffer block.norm1.num_batches_tracked"]) == 2
     assert errors_beyond_eager(result, eager, truth) == []
 
 

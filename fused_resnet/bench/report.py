@@ -1,7 +1,8 @@
 """Presenting benchmark results: the stdout table, a markdown table, a PNG chart.
 
 A result is one contender on one workload (a dict, see
-:func:`fused_resnet.bench.cli.measure`): either timings (``median_s``, ``images_per_s``, ``speedup_vs_eager`` ...) or ``error``.
+:func:`fused_resnet.bench.cli.measure`): either timings (``median_s``, ``images_per_s``,
+``speedup_vs_eager`` ...) or ``error``.
 ``python -m fused_resnet.bench.report RESULTS.json`` prints the markdown table of a
 recorded run and can draw its chart, for the README.
 """
@@ -107,12 +108,13 @@ def plot(results: list[dict], path: str) -> None:
 
     panels = list(dict.fromkeys((r["mode"], r["batch_size"]) for r in results))
     contenders = list(dict.fromkeys(r["contender"] for r in results))
+    group_keys = [key for key, _ in groups(results)]
     width = 0.8 / len(contenders)
     figure, axes = plt.subplots(len(panels), 1, squeeze=False,
-                                figsize=(max(6, 1.2 * len(groups(results)) / len(panels)),
+                                figsize=(max(6, 1.2 * len(group_keys) / len(panels)),
                                          3.2 * len(panels)))
     for axis, (mode, batch) in zip(axes[:, 0], panels):
-        workloads = [key[0] for key, _ in groups(results) if key[1:] == (mode, batch)]
+        workloads = [key[0] for key in group_keys if key[1:] == (mode, batch)]
         for index, contender in enumerate(contenders):
             speedups = {r["workload"]: r.get("speedup_vs_eager", 0.0) for r in results
                         if (r["mode"], r["batch_size"], r["contender"]) == (mode, batch,
