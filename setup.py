@@ -128,7 +128,8 @@ def extensions_and_commands() -> tuple[list, dict]:
 
     configure_parallelism()
     configure_arch_list()
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c*"))
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir()
+                     if p.suffix in (".cpp", ".cu"))
     extension = cpp_extension.CUDAExtension(
         name="fused_resnet._C",
         sources=sources,

@@ -19,6 +19,14 @@ wants() { [[ " $parts " == *" $1 "* ]]; }
     git rev-parse HEAD
 } > "$OUT/environment.txt" 2>&1
 
+# The GPU machines have no network and no nvidia-cutlass (the CUTLASS headers the build
+# needs): a session carries its wheel in .whl/ (benchmarks/README.md) and it goes beside
+# the machine's own packages.
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 if wants build; then
     start=$SECONDS
     python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \

@@ -7,18 +7,33 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <utility>
+#include <vector>
+
 namespace fused_resnet {
 
 ChannelIndexing check_scale_shift_add_relu_args(const at::Tensor& x, const at::Tensor& scale,
                                                 const at::Tensor& shift,
-                                                const c10::optional<at::Tensor>& residual) {
+                                                const c10::optional<at::Tensor>& residual,
+                                                const c10::optional<at::Tensor>& residual_scale,
+                                                const c10::optional<at::Tensor>& residual_shift) {
   TORCH_CHECK(x.dim() == 4, "scale_shift_add_relu: x must be 4-D (N, C, H, W), got ", x.dim(),
               "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()),
               "scale_shift_add_relu: x must be a floating tensor, got ", x.scalar_type());
   const int64_t channels = x.size(1);
-  for (const auto& [name, v] : {std::pair<const char*, const at::Tensor&>{"scale", scale},
-                                {"shift", shift}}) {
+  TORCH_CHECK(residual_scale.has_value() == residual_shift.has_value(),
+              "scale_shift_add_relu: residual_scale and residual_shift go together");
+  TORCH_CHECK(!residual_scale.has_value() || residual.has_value(),
+              "scale_shift_add_relu: residual_scale and residual_shift need a residual");
+  std::vector<std::pair<const char*, const at::Tensor*>> vectors{{"scale", &scale},
+                                                                 {"shift", &shift}};
+  if (residual_scale.has_value()) {
+    vectors.push_back({"residual_scale", &*residual_scale});
+    vectors.push_back({"residual_shift", &*residual_shift});
+  }
+  for (const auto& [name, vector] : vectors) {
+    const at::Tensor& v = *vector;
     TORCH_CHECK(v.dim() == 1 && v.numel() == channels, "scale_shift_add_relu: ", name,
                 " must be 1-D with x.size(1) = ", channels, " elements, got shape ", v.sizes());
     TORCH_CHECK(v.device() == x.device(), "scale_shift_add_relu: ", name, " is on ", v.device(),
@@ -51,16 +66,15 @@ namespace {
 template <typename scalar_t>
 void scale_shift_add_relu_loop(const scalar_t* x, const at::opmath_type<scalar_t>* scale,
                                const at::opmath_type<scalar_t>* shift, const scalar_t* residual,
-                               scalar_t* y, int64_t numel, ChannelIndexing layout, bool relu) {
+                               ResidualAffine<at::opmath_type<scalar_t>> affine, scalar_t* y,
+                               int64_t numel, ChannelIndexing layout, bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = (i / layout.channel_stride) % layout.channels;
-      acc_t v = static_cast<acc_t>(x[i]) * scale[c] + shift[c];
-      if (residual != nullptr) v += static_cast<acc_t>(residual[i]);
-      // `v < 0` rather than max(v, 0): NaN stays NaN, as torch.relu.
-      if (relu && v < acc_t(0)) v = acc_t(0);
-      y[i] = static_cast<scalar_t>(v);
+      const acc_t r = residual != nullptr ? static_cast<acc_t>(residual[i]) : acc_t(0);
+      y[i] = static_cast<scalar_t>(scale_shift_add_relu_value(
+          static_cast<acc_t>(x[i]), scale[c], shift[c], residual != nullptr, r, affine, c, relu));
     }
   });
 }
@@ -69,19 +83,20 @@ void scale_shift_add_relu_loop(const scalar_t* x, const at::opmath_type<scalar_t
 
 at::Tensor scale_shift_add_relu_cpu(const at::Tensor& x, const at::Tensor& scale,
                                     const at::Tensor& shift,
-                                    const c10::optional<at::Tensor>& residual, bool relu) {
-  const ChannelIndexing layout = check_scale_shift_add_relu_args(x, scale, shift, residual);
+                                    const c10::optional<at::Tensor>& residual,
+                                    const c10::optional<at::Tensor>& residual_scale,
+                                    const c10::optional<at::Tensor>& residual_shift, bool relu) {
+  const ChannelIndexing layout =
+      check_scale_shift_add_relu_args(x, scale, shift, residual, residual_scale, residual_shift);
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "scale_shift_add_relu_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor scale_acc = scale.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const at::Tensor shift_acc = shift.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const ChannelVectors<acc_t> vectors(scale, shift, residual_scale, residual_shift);
     scale_shift_add_relu_loop<scalar_t>(
-        x.const_data_ptr<scalar_t>(), scale_acc.const_data_ptr<acc_t>(),
-        shift_acc.const_data_ptr<acc_t>(),
+        x.const_data_ptr<scalar_t>(), vectors.scale(), vectors.shift(),
         residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr,
-        y.mutable_data_ptr<scalar_t>(), x.numel(), layout, relu);
+        vectors.residual_affine(), y.mutable_data_ptr<scalar_t>(), x.numel(), layout, relu);
   });
   return y;
 }

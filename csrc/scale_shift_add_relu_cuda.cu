@@ -26,23 +26,19 @@ struct alignas(sizeof(scalar_t) * kWidth) Vector {
   scalar_t value[kWidth];
 };
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t relu_if(acc_t v, bool relu) {
-  return (relu && v < acc_t(0)) ? acc_t(0) : v;  // NaN stays NaN, as torch.relu
-}
-
 template <typename scalar_t>
 __global__ void scale_shift_add_relu_scalar_kernel(
     const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ scale,
     const at::opmath_type<scalar_t>* __restrict__ shift, const scalar_t* __restrict__ residual,
-    scalar_t* __restrict__ y, int64_t numel, ChannelIndexing layout, bool relu) {
+    ResidualAffine<at::opmath_type<scalar_t>> affine, scalar_t* __restrict__ y, int64_t numel,
+    ChannelIndexing layout, bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = (i / layout.channel_stride) % layout.channels;
-    acc_t v = static_cast<acc_t>(x[i]) * scale[c] + shift[c];
-    if (residual != nullptr) v += static_cast<acc_t>(residual[i]);
-    y[i] = static_cast<scalar_t>(relu_if(v, relu));
+    const acc_t r = residual != nullptr ? static_cast<acc_t>(residual[i]) : acc_t(0);
+    y[i] = static_cast<scalar_t>(scale_shift_add_relu_value(
+        static_cast<acc_t>(x[i]), scale[c], shift[c], residual != nullptr, r, affine, c, relu));
   }
 }
 
@@ -51,7 +47,8 @@ template <typename scalar_t, int kWidth>
 __global__ void scale_shift_add_relu_vector_kernel(
     const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ scale,
     const at::opmath_type<scalar_t>* __restrict__ shift, const scalar_t* __restrict__ residual,
-    scalar_t* __restrict__ y, int64_t num_vectors, int64_t channels, bool relu) {
+    ResidualAffine<at::opmath_type<scalar_t>> affine, scalar_t* __restrict__ y,
+    int64_t num_vectors, int64_t channels, bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vector<scalar_t, kWidth>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < num_vectors;
@@ -63,9 +60,10 @@ __global__ void scale_shift_add_relu_vector_kernel(
     Vec yv;
 #pragma unroll
     for (int k = 0; k < kWidth; ++k) {
-      acc_t v = static_cast<acc_t>(xv.value[k]) * scale[c0 + k] + shift[c0 + k];
-      if (residual != nullptr) v += static_cast<acc_t>(rv.value[k]);
-      yv.value[k] = static_cast<scalar_t>(relu_if(v, relu));
+      const acc_t r = residual != nullptr ? static_cast<acc_t>(rv.value[k]) : acc_t(0);
+      yv.value[k] = static_cast<scalar_t>(
+          scale_shift_add_relu_value(static_cast<acc_t>(xv.value[k]), scale[c0 + k],
+                                     shift[c0 + k], residual != nullptr, r, affine, c0 + k, relu));
     }
     reinterpret_cast<Vec*>(y)[i] = yv;
   }
@@ -84,8 +82,11 @@ int64_t grid_size(int64_t work_items) {
 
 at::Tensor scale_shift_add_relu_cuda(const at::Tensor& x, const at::Tensor& scale,
                                      const at::Tensor& shift,
-                                     const c10::optional<at::Tensor>& residual, bool relu) {
-  const ChannelIndexing layout = check_scale_shift_add_relu_args(x, scale, shift, residual);
+                                     const c10::optional<at::Tensor>& residual,
+                                     const c10::optional<at::Tensor>& residual_scale,
+                                     const c10::optional<at::Tensor>& residual_shift, bool relu) {
+  const ChannelIndexing layout =
+      check_scale_shift_add_relu_args(x, scale, shift, residual, residual_scale, residual_shift);
   TORCH_CHECK(x.is_cuda(), "scale_shift_add_relu: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = at::empty_like(x);
@@ -95,8 +96,7 @@ at::Tensor scale_shift_add_relu_cuda(const at::Tensor& x, const at::Tensor& scal
                                   "scale_shift_add_relu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kWidth = kVectorBytes / sizeof(scalar_t);
-    const at::Tensor scale_acc = scale.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const at::Tensor shift_acc = shift.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const ChannelVectors<acc_t> vectors(scale, shift, residual_scale, residual_shift);
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* r_ptr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
@@ -107,11 +107,11 @@ at::Tensor scale_shift_add_relu_cuda(const at::Tensor& x, const at::Tensor& scal
       const int64_t num_vectors = x.numel() / kWidth;
       scale_shift_add_relu_vector_kernel<scalar_t, kWidth>
           <<<grid_size(num_vectors), kThreads, 0, stream>>>(
-              x_ptr, scale_acc.const_data_ptr<acc_t>(), shift_acc.const_data_ptr<acc_t>(), r_ptr,
-              y_ptr, num_vectors, layout.channels, relu);
+              x_ptr, vectors.scale(), vectors.shift(), r_ptr, vectors.residual_affine(), y_ptr,
+              num_vectors, layout.channels, relu);
     } else {
       scale_shift_add_relu_scalar_kernel<scalar_t><<<grid_size(x.numel()), kThreads, 0, stream>>>(
-          x_ptr, scale_acc.const_data_ptr<acc_t>(), shift_acc.const_data_ptr<acc_t>(), r_ptr, y_ptr,
+          x_ptr, vectors.scale(), vectors.shift(), r_ptr, vectors.residual_affine(), y_ptr,
           x.numel(), layout, relu);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

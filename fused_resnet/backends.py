@@ -18,21 +18,23 @@ from __future__ import annotations
 import contextlib
 import types
 import warnings
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
-from fused_resnet import extension, reference
+from fused_resnet import cuda_ops, extension, reference
+from fused_resnet.fused_blocks import FusedBlocks
 
 try:
-    from fused_resnet import triton_blocks
+    from fused_resnet import triton_ops
     from fused_resnet.kernels.tuning import INTERPRETED as _TRITON_INTERPRETED
     _TRITON_IMPORT_ERROR: Optional[str] = None
+    _TRITON_BLOCKS: Optional[FusedBlocks] = FusedBlocks(triton_ops.KERNELS)
 except ImportError as error:  # triton missing or too old: the other backends still work
-    triton_blocks = None
     _TRITON_INTERPRETED = False
     _TRITON_IMPORT_ERROR = f"triton could not be imported ({error})"
+    _TRITON_BLOCKS = None
 
 BACKEND_NAMES = ("auto", "reference", "triton", "cuda")
 # Fastest first, by design intent: no GPU measurement exists yet. A per-shape routing
@@ -50,9 +52,10 @@ class Backend(NamedTuple):
     # on ``x`` with ``arguments`` (those of fused_resnet.structure.block_arguments), else
     # the reason; ``for_auto`` adds the reasons to skip it in 'auto' only (too slow).
     why_not: Callable[[torch.Tensor, dict, bool], Optional[str]]
-    # The four block functions, same signatures as fused_resnet.reference; None until the
-    # backend's kernels exist (its why_not then always gives a reason).
-    functions: Optional[types.ModuleType]
+    # The four block functions, same signatures as fused_resnet.reference (the module
+    # itself, or a FusedBlocks); None when the backend cannot be imported (its why_not then
+    # always gives a reason).
+    functions: Optional[Union[types.ModuleType, FusedBlocks]]
 
 
 def conv_weights(arguments: dict) -> list[torch.Tensor]:
@@ -91,19 +94,39 @@ def _triton_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optiona
     return None
 
 
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+# CUTLASS's kernels move 16-byte vectors of channels (8 fp16/bf16 values).
+_CUDA_CHANNEL_MULTIPLE = 8
+
+
 def _cuda_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optional[str]:
     load_error = extension.load_error()
     if load_error is not None:
         return f"the C++/CUDA extension fused_resnet._C is not available ({load_error})"
+    if x.dtype not in _CUDA_DTYPES:
+        return (f"the input dtype is {x.dtype}; the cuda backend's CUTLASS tensor-core "
+                "kernels take float16 and bfloat16 (use autocast or .half()/.bfloat16())")
+    weights = conv_weights(arguments)
+    mismatched = [w.dtype for w in weights if w.dtype != x.dtype]
+    if mismatched:
+        return f"the input is {x.dtype} but conv weights are {mismatched[0]}"
+    channels = sorted({x.shape[1]} | {c for w in weights for c in w.shape[:2]})
+    odd = [c for c in channels if c % _CUDA_CHANNEL_MULTIPLE]
+    if odd:
+        return (f"channel counts {odd} are not multiples of {_CUDA_CHANNEL_MULTIPLE}, "
+                "which the CUTLASS kernels need")
+    if for_auto:
+        return ("the cuda backend has not yet run its GPU test suite on real hardware "
+                "(issue #4); ask for backend='cuda' explicitly to use it")
     if x.device.type != "cuda":
         return f"the input is on {x.device}, the cuda backend needs CUDA tensors"
-    return "the CUDA block kernels are not implemented yet (issue #4)"
+    return None
 
 
 BACKENDS = {
     "reference": Backend("reference", _reference_why_not, reference),
-    "triton": Backend("triton", _triton_why_not, triton_blocks),
-    "cuda": Backend("cuda", _cuda_why_not, None),
+    "triton": Backend("triton", _triton_why_not, _TRITON_BLOCKS),
+    "cuda": Backend("cuda", _cuda_why_not, FusedBlocks(cuda_ops.KERNELS)),
 }
 
 _default_backend = "auto"

@@ -1,9 +1,22 @@
-"""Python side of the ops compiled into ``fused_resnet._C``: wrappers, fake kernels
-(for ``torch.compile`` and meta tensors) and autograd formulas.
+"""Python side of the ops compiled into ``fused_resnet._C``: wrappers, fake kernels (for
+``torch.compile`` and meta tensors), CPU kernels and autograd formulas.
 
-The schemas and the CPU/CUDA kernels are registered in C++ (``csrc/``) under the
-``fused_resnet`` namespace; each op's plain-PyTorch reference is in
-:mod:`fused_resnet.reference` under the same name.
+The schemas and the CUDA kernels are registered in C++ (``csrc/``) under the
+``fused_resnet`` namespace:
+
+  cuda_conv, cuda_conv_dgrad, cuda_conv_wgrad, cuda_channel_stats
+      the CUTLASS convolutions and channel reductions of the ``cuda`` backend, with the
+      schemas of the ``triton_*`` ops (fakes and autograd shared, :mod:`op_support`);
+  scale_shift_add_relu
+      BN-apply + (BN'd) shortcut + ReLU in one pass (C++ CPU and CUDA kernels);
+  affine_relu_backward
+      the backward of that pass and of a BN-ReLU prologue: ReLU mask, input gradient and
+      per-channel reductions in one pass.
+
+The CPU kernels of the ``cuda_*`` ops and of ``affine_relu_backward`` are their
+plain-PyTorch meaning (:mod:`fused_resnet.op_reference`), which lets every op be checked
+with ``opcheck`` and ``gradcheck`` on a machine without a GPU. :data:`KERNELS` is the op
+set the ``cuda`` backend's blocks are composed from.
 """
 
 from __future__ import annotations
@@ -13,51 +26,130 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_resnet import extension
+from fused_resnet import extension, op_reference, op_support, reference
+from fused_resnet.fused_blocks import Kernels
 
-_NON_CHANNEL_DIMS = (0, 2, 3)
+_VECTOR_BYTES = 16
+
+
+def _ops():
+    extension.require()
+    return torch.ops.fused_resnet
+
+
+def cuda_conv(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tensor],
+              in_shift: Optional[Tensor], out_scale: Optional[Tensor],
+              out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
+              statistics: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """See :func:`fused_resnet.op_reference.fused_conv`. On CUDA: fp16/bf16 NHWC tensors,
+    channel counts multiples of 8; a prologue takes no epilogue but a residual."""
+    return _ops().cuda_conv(x, weight, stride, in_scale, in_shift, out_scale, out_shift,
+                            residual, out_relu, statistics)
+
+
+def cuda_channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, biased variance) in fp32 (Welford per thread, Chan merges)."""
+    return _ops().cuda_channel_stats(x)
 
 
 def scale_shift_add_relu(x: Tensor, scale: Tensor, shift: Tensor,
-                         residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-    """``[relu](x * scale[c] + shift[c] [+ residual])`` in one pass (BN-apply + add + ReLU).
+                         residual: Optional[Tensor] = None,
+                         residual_scale: Optional[Tensor] = None,
+                         residual_shift: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """``[relu](x * scale[c] + shift[c] [+ residual [* residual_scale[c] + residual_shift[c]]])``
+    in one pass (BN-apply + shortcut (with its BN) + ReLU).
 
     ``x``: (N, C, H, W), contiguous in NCHW or channels_last; ``residual``: same shape,
-    dtype and memory format; ``scale``, ``shift``: (C,), any floating dtype, used in fp32
-    (fp64 for fp64 ``x``). The output has ``x``'s dtype and memory format. Differentiable
-    in all tensor arguments. Reference: :func:`fused_resnet.reference.scale_shift_add_relu`.
+    dtype and memory format; the vectors: (C,), any floating dtype, used in fp32 (fp64 for
+    fp64 ``x``). The output has ``x``'s dtype and memory format. Differentiable in all
+    tensor arguments. Reference: :func:`fused_resnet.reference.scale_shift_add_relu`.
     """
-    extension.require()
-    return torch.ops.fused_resnet.scale_shift_add_relu(x, scale, shift, residual, relu)
+    return _ops().scale_shift_add_relu(x, scale, shift, residual, residual_scale,
+                                       residual_shift, relu)
 
 
-def _scale_shift_add_relu_fake(x, scale, shift, residual, relu):
+def affine_relu_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor] = None,
+                         shift: Optional[Tensor] = None,
+                         output: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """See :func:`fused_resnet.op_reference.affine_relu_backward`. The CUDA kernel moves
+    16-byte vectors of channels; other CUDA tensors (channel counts that do not fill them,
+    fp64) take the plain-PyTorch formula."""
+    vector_width = _VECTOR_BYTES // x.element_size()
+    if x.device.type == "cuda" and (x.dtype == torch.float64 or x.shape[1] % vector_width):
+        return op_reference.affine_relu_backward(grad, x, scale, shift, output)
+    return _ops().affine_relu_backward(grad, x, scale, shift, output)
+
+
+def _bn_add_relu(a: Tensor, a_scale: Tensor, a_shift: Tensor, residual: Optional[Tensor],
+                 r_scale: Optional[Tensor], r_shift: Optional[Tensor], relu: bool) -> Tensor:
+    # The block's tensors in one memory format (channels_last, the convs' output), which
+    # is what the kernel's 16-byte vector path reads.
+    residual = None if residual is None else op_support.channels_last(residual)
+    return scale_shift_add_relu(op_support.channels_last(a), a_scale, a_shift, residual,
+                                r_scale, r_shift, relu)
+
+
+KERNELS = Kernels(conv=cuda_conv, bn_add_relu=_bn_add_relu, channel_stats=cuda_channel_stats)
+
+
+# --- fakes, CPU kernels, autograd --------------------------------------------------------
+
+def _cuda_conv_dgrad(grad, weight, x, stride, in_scale, in_shift):
+    return _ops().cuda_conv_dgrad(grad, weight, x, stride, in_scale, in_shift)
+
+
+def _cuda_conv_wgrad(grad, x, weight, stride, in_scale, in_shift):
+    return _ops().cuda_conv_wgrad(grad, x, weight, stride, in_scale, in_shift)
+
+
+def _scale_shift_add_relu_fake(x, scale, shift, residual, residual_scale, residual_shift, relu):
     return torch.empty_like(x)
 
 
+def _affine_relu_backward_fake(grad, x, scale, shift, output):
+    return (torch.empty_like(x, memory_format=torch.channels_last),
+            x.new_empty(x.shape[1], dtype=op_support.statistics_dtype(x)),
+            x.new_empty(x.shape[1], dtype=op_support.statistics_dtype(x)))
+
+
 def _scale_shift_add_relu_setup_context(ctx, inputs, output):
-    x, scale, shift, residual, relu = inputs
+    x, scale, shift, residual, residual_scale, residual_shift, relu = inputs
     ctx.relu = relu
     ctx.has_residual = residual is not None
-    ctx.shift_dtype = shift.dtype
-    ctx.save_for_backward(x, scale, output)
+    ctx.dtypes = [None if t is None else t.dtype
+                  for t in (scale, shift, residual_scale, residual_shift)]
+    ctx.save_for_backward(x, scale, residual, residual_scale, output)
 
 
 def _scale_shift_add_relu_backward(ctx, grad_output):
-    x, scale, output = ctx.saved_tensors
-    grad = grad_output.where(output > 0, 0) if ctx.relu else grad_output
-    acc = torch.promote_types(x.dtype, torch.float32)
-    grad_acc = grad.to(acc)
-    grad_x = (grad_acc * scale.to(acc).reshape(1, -1, 1, 1)).to(x.dtype)
-    grad_scale = (grad_acc * x.to(acc)).sum(_NON_CHANNEL_DIMS).to(scale.dtype)
-    grad_shift = grad_acc.sum(_NON_CHANNEL_DIMS).to(ctx.shift_dtype)
-    grad_residual = grad if ctx.has_residual else None
-    return grad_x, grad_scale, grad_shift, grad_residual, None
+    x, scale, residual, residual_scale, output = ctx.saved_tensors
+    mask = output if ctx.relu else None
+    grad_x, grad_scale, grad_shift = affine_relu_backward(grad_output, x, scale, None, mask)
+    grads = [grad_x, grad_scale, grad_shift, None, None, None]
+    if ctx.has_residual:
+        grads[3:] = affine_relu_backward(grad_output, residual, residual_scale, None, mask)
+    for index, dtype in zip((1, 2, 4, 5), ctx.dtypes):
+        grads[index] = None if dtype is None else grads[index].to(dtype)
+    return (*grads, None)
 
 
 def register_python_parts() -> None:
-    """Attach fake kernels and autograd to the C++ ops; called once the library is loaded."""
-    name = "fused_resnet::scale_shift_add_relu"
-    torch.library.register_fake(name)(_scale_shift_add_relu_fake)
-    torch.library.register_autograd(name, _scale_shift_add_relu_backward,
+    """Attach fakes, CPU kernels and autograd to the C++ ops; called once the library is
+    loaded."""
+    ops = {
+        "cuda_conv": (op_support.conv_fake, op_reference.fused_conv),
+        "cuda_conv_dgrad": (op_support.conv_dgrad_fake, op_reference.conv_dgrad),
+        "cuda_conv_wgrad": (op_support.conv_wgrad_fake, op_reference.conv_wgrad),
+        "cuda_channel_stats": (op_support.channel_stats_fake, reference.batch_statistics),
+        "affine_relu_backward": (_affine_relu_backward_fake, op_reference.affine_relu_backward),
+    }
+    for name, (fake, cpu_kernel) in ops.items():
+        torch.library.register_fake(f"fused_resnet::{name}")(fake)
+        torch.library.register_kernel(f"fused_resnet::{name}", "cpu")(cpu_kernel)
+    torch.library.register_fake("fused_resnet::scale_shift_add_relu")(_scale_shift_add_relu_fake)
+    torch.library.register_autograd("fused_resnet::scale_shift_add_relu",
+                                    _scale_shift_add_relu_backward,
                                     setup_context=_scale_shift_add_relu_setup_context)
+    op_support.register_conv_autograd("fused_resnet::cuda_conv", _cuda_conv_dgrad,
+                                      _cuda_conv_wgrad)
+    op_support.register_channel_stats_autograd("fused_resnet::cuda_channel_stats")

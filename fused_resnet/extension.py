@@ -7,13 +7,16 @@ lazy, so ``import fused_resnet`` never touches the CUDA runtime.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
+import torch
 
-@functools.lru_cache(maxsize=None)
-def load_error() -> Optional[str]:
-    """None once ``fused_resnet._C`` is loaded and its ops registered, else why it is not."""
+_NOT_TRIED = "not tried yet"
+# None once loaded, else why not; set by the first load_error() call.
+_load_error: Optional[str] = _NOT_TRIED
+
+
+def _load() -> Optional[str]:
     try:
         from fused_resnet import _C  # noqa: F401  (importing registers the ops)
     except ImportError as error:
@@ -23,6 +26,17 @@ def load_error() -> Optional[str]:
 
     cuda_ops.register_python_parts()
     return None
+
+
+# Under torch.compile the answer is taken at trace time as a constant: loading (an import
+# and op registrations) is not something to trace.
+@torch.compiler.assume_constant_result
+def load_error() -> Optional[str]:
+    """None once ``fused_resnet._C`` is loaded and its ops registered, else why it is not."""
+    global _load_error
+    if _load_error is _NOT_TRIED:
+        _load_error = _load()
+    return _load_error
 
 
 def require() -> None:

@@ -75,8 +75,11 @@ def _per_channel(v: Tensor) -> Tensor:
 
 
 def scale_shift_add_relu(x: Tensor, scale: Tensor, shift: Tensor,
-                         residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-    """``[relu](x * scale[c] + shift[c] [+ residual])`` for NCHW-shaped ``x``, fp32 math.
+                         residual: Optional[Tensor] = None, relu: bool = True,
+                         residual_scale: Optional[Tensor] = None,
+                         residual_shift: Optional[Tensor] = None) -> Tensor:
+    """``[relu](x * scale[c] + shift[c] [+ residual [* residual_scale[c] + residual_shift[c]]])``
+    for NCHW-shaped ``x``, fp32 math.
 
     The reference of the extension op ``fused_resnet::scale_shift_add_relu`` and the
     BN-apply step of every block.
@@ -84,7 +87,10 @@ def scale_shift_add_relu(x: Tensor, scale: Tensor, shift: Tensor,
     acc = _accumulation_dtype(x.dtype)
     y = x.to(acc) * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
     if residual is not None:
-        y = y + residual.to(acc)
+        r = residual.to(acc)
+        if residual_scale is not None:
+            r = r * _per_channel(residual_scale.to(acc)) + _per_channel(residual_shift.to(acc))
+        y = y + r
     if relu:
         y = torch.relu(y)
     return y.to(x.dtype)

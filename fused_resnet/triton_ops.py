@@ -12,8 +12,10 @@ Forward ops and what they fuse:
   triton_bn_add_relu    y = [relu](a * sa + ba [+ r [* sr + br]])
   triton_channel_stats  per-channel mean and biased variance
 Their backward passes are ops too (triton_conv_dgrad, triton_conv_wgrad,
-triton_bn_add_relu_backward). The plain-PyTorch meaning of each is in
-:mod:`fused_resnet.reference` (``conv``, ``scale_shift_add_relu``, ``batch_statistics``).
+triton_bn_add_relu_backward). The fakes and the conv and statistics autograd formulas are
+shared with the cuda backend (:mod:`fused_resnet.op_support`); the plain-PyTorch meaning of
+each op is in :mod:`fused_resnet.reference` (``fused_conv``, ``conv_dgrad``, ``conv_wgrad``,
+``scale_shift_add_relu``, ``batch_statistics``).
 """
 
 from __future__ import annotations
@@ -24,24 +26,19 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
+from fused_resnet import op_support
+from fused_resnet.fused_blocks import Kernels
 from fused_resnet.kernels import conv_backward, conv_forward, elementwise
 from fused_resnet.kernels.tuning import INTERPRETED
 
 _define_op = custom_op if INTERPRETED else triton_op
 
 _CHANNELS_LAST = torch.channels_last
-
-
-def _channels_last(t: Tensor) -> Tensor:
-    return t.contiguous(memory_format=_CHANNELS_LAST)
+_channels_last = op_support.channels_last
 
 
 def _empty_like_channel(x: Tensor) -> Tensor:
     return x.new_empty(0, dtype=torch.float32)
-
-
-def _per_channel(v: Tensor) -> Tensor:
-    return v.reshape(1, -1, 1, 1)
 
 
 # --- the fused convolution -------------------------------------------------------------
@@ -63,17 +60,7 @@ def triton_conv(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tenso
     return y, stats[0], stats[1]
 
 
-@triton_conv.register_fake
-def _triton_conv_fake(x, weight, stride, in_scale, in_shift, out_scale, out_shift, residual,
-                      out_relu, statistics):
-    n, _, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    y = torch.empty((n, c_out, conv_forward.output_size(h, kh, stride),
-                     conv_forward.output_size(w, kw, stride)), dtype=x.dtype, device=x.device,
-                    memory_format=_CHANNELS_LAST)
-    stats_size = c_out if statistics else 0
-    return (y, x.new_empty(stats_size, dtype=torch.float32),
-            x.new_empty(stats_size, dtype=torch.float32))
+triton_conv.register_fake(op_support.conv_fake)
 
 
 @_define_op("fused_resnet::triton_conv_dgrad", mutates_args=())
@@ -88,11 +75,7 @@ def triton_conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
     return grad_x, grad_scale, grad_shift
 
 
-@triton_conv_dgrad.register_fake
-def _triton_conv_dgrad_fake(grad, weight, x, stride, in_scale, in_shift):
-    size = 0 if in_scale is None else x.shape[1]
-    return (torch.empty_like(x, memory_format=_CHANNELS_LAST),
-            x.new_empty(size, dtype=torch.float32), x.new_empty(size, dtype=torch.float32))
+triton_conv_dgrad.register_fake(op_support.conv_dgrad_fake)
 
 
 @_define_op("fused_resnet::triton_conv_wgrad", mutates_args=())
@@ -105,52 +88,10 @@ def triton_conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride: int,
     return grad_weight
 
 
-@triton_conv_wgrad.register_fake
-def _triton_conv_wgrad_fake(grad, x, weight, stride, in_scale, in_shift):
-    return torch.empty_like(weight)
+triton_conv_wgrad.register_fake(op_support.conv_wgrad_fake)
 
 
-def _conv_setup_context(ctx, inputs, output):
-    x, weight, stride, in_scale, in_shift, out_scale, out_shift, residual, out_relu, stats = \
-        inputs
-    y, mean, _ = output
-    ctx.stride, ctx.out_relu, ctx.statistics = stride, out_relu, stats
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, weight, in_scale, in_shift, out_scale, y, mean)
-
-
-def _conv_backward(ctx, grad_y, grad_mean, grad_var):
-    x, weight, in_scale, in_shift, out_scale, y, mean = ctx.saved_tensors
-    if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
-        raise RuntimeError("triton_conv: gradients of out_scale/out_shift are not "
-                           "implemented; fold BatchNorm into the epilogue only when no "
-                           "gradient is needed (fused_resnet's blocks do)")
-    grad = grad_y.float()
-    if ctx.statistics:
-        count = y.numel() // y.shape[1]
-        if grad_mean is not None:
-            grad = grad + _per_channel(grad_mean) / count
-        if grad_var is not None:
-            grad = grad + _per_channel(grad_var) * 2 / count * (y.float() - _per_channel(mean))
-    if ctx.out_relu:
-        grad = grad.where(y > 0, 0.0)
-    grad_residual = grad.to(x.dtype) if ctx.has_residual else None
-    if out_scale is not None:
-        grad = grad * _per_channel(out_scale)
-    grad = _channels_last(grad.to(x.dtype))
-    grad_x = grad_weight = grad_in_scale = grad_in_shift = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-        grad_x, grad_in_scale, grad_in_shift = triton_conv_dgrad(
-            grad, weight, x, ctx.stride, in_scale, in_shift)
-        if in_scale is None:
-            grad_in_scale = grad_in_shift = None
-    if ctx.needs_input_grad[1]:
-        grad_weight = triton_conv_wgrad(grad, x, weight, ctx.stride, in_scale, in_shift)
-    return (grad_x, grad_weight, None, grad_in_scale, grad_in_shift, None, None, grad_residual,
-            None, None)
-
-
-triton_conv.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+op_support.register_conv_autograd(triton_conv, triton_conv_dgrad, triton_conv_wgrad)
 
 
 # --- BN-apply + shortcut + ReLU --------------------------------------------------------
@@ -223,25 +164,11 @@ def triton_channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return elementwise.channel_statistics(_channels_last(x))
 
 
-@triton_channel_stats.register_fake
-def _triton_channel_stats_fake(x):
-    return (x.new_empty(x.shape[1], dtype=torch.float32),
-            x.new_empty(x.shape[1], dtype=torch.float32))
+triton_channel_stats.register_fake(op_support.channel_stats_fake)
 
 
-def _stats_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[0])
+op_support.register_channel_stats_autograd(triton_channel_stats)
 
 
-def _stats_backward(ctx, grad_mean, grad_var):
-    x, mean = ctx.saved_tensors
-    count = x.numel() // x.shape[1]
-    grad = torch.zeros_like(x, dtype=torch.float32)
-    if grad_mean is not None:
-        grad = grad + _per_channel(grad_mean) / count
-    if grad_var is not None:
-        grad = grad + _per_channel(grad_var) * 2 / count * (x.float() - _per_channel(mean))
-    return grad.to(x.dtype)
-
-
-triton_channel_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+KERNELS = Kernels(conv=triton_conv, bn_add_relu=triton_bn_add_relu,
+                  channel_stats=triton_channel_stats)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 from torch import nn
 
+import fused_resnet
 from fused_resnet import plain
+from fused_resnet.testing import errors_beyond_eager
+
+LAYOUTS = ["contiguous", "channels_last", "non_contiguous"]
 
 
 def randomize_batch_norms(module: nn.Module) -> nn.Module:
@@ -95,3 +100,33 @@ def run_steps(block: nn.Module, steps,
         for name, b in block.named_buffers():
             results[f"{index} buffer {name}"] = b.clone()
     return results
+
+
+def block_input(case, batch: int, h: int, w: int, device, layout: str) -> torch.Tensor:
+    """An fp32 input of ``case`` in ``layout``: contiguous, channels_last or a strided view."""
+    x = torch.randn(batch, case[1], h, w * 2, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x[..., ::2] if layout == "non_contiguous" else x[..., :w]
+
+
+def compare_with_reference(case, dtype: torch.dtype, device, layout: str, backend: str) -> None:
+    """A block of ``case`` cast to ``dtype`` on ``backend`` against the reference in fp64,
+    within eager's error in ``dtype``: two training steps (batch 3 and 2, odd H and W), a
+    frozen-BN step (eval with gradients, batch 1) and a no-grad inference step; outputs,
+    input and parameter gradients, running statistics; the output in the input's layout."""
+    block = build_plain(case).to(device)
+    steps = [(block_input(case, 3, 7, 5, device, layout), "train"),
+             (block_input(case, 2, 5, 3, device, layout), "train"),
+             (block_input(case, 1, 5, 7, device, layout), "eval"),     # frozen BN
+             (block_input(case, 3, 7, 5, device, layout), "no_grad")]  # folded BN
+    def run(copy_dtype, on):
+        return run_steps(fused_resnet.convert(copy.deepcopy(block).to(copy_dtype), backend=on),
+                         steps)
+    truth, eager, fused = run(torch.float64, "reference"), run(dtype, "reference"), run(dtype, backend)
+    for index in range(len(steps)):
+        out = fused[f"{index} output"]
+        assert out.dtype == dtype
+        assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                 else torch.contiguous_format)
+    assert errors_beyond_eager(fused, eager, truth) == []

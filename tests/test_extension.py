@@ -31,7 +31,7 @@ def test_a_missing_extension_is_explained_and_the_cuda_backend_refuses(monkeypat
     # As if the build had been skipped: `from fused_resnet import _C` raises ImportError.
     monkeypatch.setitem(sys.modules, "fused_resnet._C", None)
     monkeypatch.delattr(fused_resnet, "_C", raising=False)
-    monkeypatch.setattr(extension, "load_error", extension.load_error.__wrapped__)
+    monkeypatch.setattr(extension, "_load_error", extension._NOT_TRIED)
     assert "pip install --no-build-isolation -e ." in extension.load_error()
     with pytest.raises(RuntimeError, match="fused_resnet._C is not available"):
         cuda_ops.scale_shift_add_relu(torch.ones(1, 1, 1, 1), torch.ones(1), torch.ones(1))
@@ -60,7 +60,7 @@ SHAPES = [(3, 5, 7, 3), (1, 16, 4, 4), (2, 8, 1, 1), (0, 4, 2, 2)]
 @pytest.mark.parametrize("residual, relu", [(False, False), (True, True), (False, True)])
 def test_cpu_kernel_matches_reference(shape, dtype, channels_last, residual, relu):
     x, scale, shift, r = _inputs(shape, dtype, channels_last, residual)
-    y = cuda_ops.scale_shift_add_relu(x, scale, shift, r, relu)
+    y = cuda_ops.scale_shift_add_relu(x, scale, shift, r, relu=relu)
     # Both compute in fp32 (fp64 for fp64) and round once, so they agree to the output ulp.
     torch.testing.assert_close(y, reference.scale_shift_add_relu(x, scale, shift, r, relu))
     assert y.dtype == dtype
@@ -72,7 +72,7 @@ def test_cpu_kernel_matches_reference(shape, dtype, channels_last, residual, rel
 def test_nan_and_inf_propagate_as_in_pytorch():
     x, scale, shift, _ = _inputs((2, 3, 2, 2), torch.float32, True, False)
     x[0, 0, 0, 0], x[1, 2, 1, 1], x[0, 1, 1, 0] = float("nan"), float("inf"), -float("inf")
-    y = cuda_ops.scale_shift_add_relu(x, scale, shift, None, True)
+    y = cuda_ops.scale_shift_add_relu(x, scale, shift, None, relu=True)
     torch.testing.assert_close(y, reference.scale_shift_add_relu(x, scale, shift, None, True),
                                equal_nan=True)
     assert torch.isnan(y[0, 0, 0, 0])
@@ -83,9 +83,39 @@ def test_op_passes_opcheck_and_gradcheck():
     x, scale, shift, r = _inputs((2, 3, 3, 2), torch.float64, True, True)
     scale, shift = scale.double(), shift.double()
     args = [t.requires_grad_() for t in (x, scale, shift, r)]
-    torch.library.opcheck(torch.ops.fused_resnet.scale_shift_add_relu.default, (*args, True))
+    torch.library.opcheck(torch.ops.fused_resnet.scale_shift_add_relu.default,
+                          (*args, None, None, True))
     # Shift everything away from the ReLU kink, where finite differences are meaningless.
     x.data.add_(torch.sign(x.data) * 0.1)
+    assert torch.autograd.gradcheck(
+        lambda *t: cuda_ops.scale_shift_add_relu(*t, relu=False), args)
+
+
+@requires_extension
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_residual_affine_matches_reference_with_gradients(device, relu):
+    """The projection shortcut's BN applied to the residual in the same pass."""
+    x, scale, shift, r = _inputs((3, 16, 5, 3), torch.float32, True, True, device=device)
+    r_scale, r_shift = torch.randn(16, device=device), torch.randn(16, device=device)
+    args = [t.requires_grad_() for t in (x, scale, shift, r, r_scale, r_shift)]
+    y = cuda_ops.scale_shift_add_relu(*args[:4], args[4], args[5], relu=relu)
+    expected = reference.scale_shift_add_relu(*args[:4], relu=relu, residual_scale=args[4],
+                                              residual_shift=args[5])
+    torch.testing.assert_close(y, expected)
+    grad = torch.randn_like(y)
+    # Sums over 45 pixels per channel in a different order: fp32 rounding apart.
+    for actual, wanted in zip(torch.autograd.grad(y, args, grad),
+                              torch.autograd.grad(expected, args, grad)):
+        torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-4)
+
+
+@requires_extension
+def test_residual_affine_passes_opcheck_and_gradcheck():
+    x, scale, shift, r = _inputs((2, 3, 3, 2), torch.float64, True, True)
+    vectors = [torch.randn(3, dtype=torch.float64) for _ in range(4)]
+    args = [t.requires_grad_() for t in (x, *vectors[:2], r, *vectors[2:])]
+    torch.library.opcheck(torch.ops.fused_resnet.scale_shift_add_relu.default, (*args, True))
     assert torch.autograd.gradcheck(
         lambda *t: cuda_ops.scale_shift_add_relu(*t, relu=False), args)
 
@@ -116,7 +146,7 @@ def test_bad_arguments_raise_naming_the_argument(make_args, message):
 @pytest.mark.parametrize("residual", [False, True])
 def test_cuda_kernel_matches_reference(shape, dtype, channels_last, residual):
     x, scale, shift, r = _inputs(shape, dtype, channels_last, residual, device="cuda")
-    y = cuda_ops.scale_shift_add_relu(x, scale, shift, r, True)
+    y = cuda_ops.scale_shift_add_relu(x, scale, shift, r, relu=True)
     torch.testing.assert_close(y, reference.scale_shift_add_relu(x, scale, shift, r, True))
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last
                            else torch.contiguous_format)
@@ -128,5 +158,5 @@ def test_cuda_kernel_takes_the_scalar_path_for_misaligned_storage():
     base = torch.randn(1 + 2 * 16 * 4 * 4, device="cuda", dtype=torch.float16)
     x = base[1:].view(2, 4, 4, 16).permute(0, 3, 1, 2)  # channels_last, 2-byte aligned
     scale, shift = torch.randn(16, device="cuda"), torch.randn(16, device="cuda")
-    torch.testing.assert_close(cuda_ops.scale_shift_add_relu(x, scale, shift, None, True),
+    torch.testing.assert_close(cuda_ops.scale_shift_add_relu(x, scale, shift, None, relu=True),
                                reference.scale_shift_add_relu(x, scale, shift, None, True))

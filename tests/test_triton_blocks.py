@@ -11,49 +11,20 @@ import pytest
 import torch
 
 import fused_resnet
-from blockcases import BLOCK_CASES, build_plain, case_id, run_steps
+from blockcases import BLOCK_CASES, LAYOUTS, build_plain, case_id, compare_with_reference
 from fused_resnet.testing import errors_beyond_eager
-
-LAYOUTS = ["contiguous", "channels_last", "non_contiguous"]
-
-
-def _input(case, batch, h, w, dtype, device, layout):
-    x = torch.randn(batch, case[1], h, w * 2, device=device).to(dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x[..., ::2] if layout == "non_contiguous" else x[..., :w]
-
-
-def _compare(case, dtype, device, layout):
-    block = build_plain(case).to(device)
-    steps = [(_input(case, 3, 7, 5, torch.float32, device, layout), "train"),
-             (_input(case, 2, 5, 3, torch.float32, device, layout), "train"),
-             (_input(case, 1, 5, 7, torch.float32, device, layout), "eval"),     # frozen BN
-             (_input(case, 3, 7, 5, torch.float32, device, layout), "no_grad")]  # folded BN
-    truth = run_steps(fused_resnet.convert(copy.deepcopy(block).double(), backend="reference"), steps)
-    eager = run_steps(fused_resnet.convert(copy.deepcopy(block).to(dtype), backend="reference"), steps)
-    fused_block = fused_resnet.convert(copy.deepcopy(block).to(dtype), backend="triton")
-    fused = run_steps(fused_block, steps)
-    for index, (x, _) in enumerate(steps):
-        out = fused[f"{index} output"]
-        assert out.dtype == dtype
-        channels_last_in = layout == "channels_last"
-        assert out.is_contiguous(memory_format=torch.channels_last if channels_last_in
-                                 else torch.contiguous_format)
-    assert errors_beyond_eager(fused, eager, truth) == []
-
 
 @pytest.mark.parametrize("case, layout", [(case, LAYOUTS[i % 3])
                                           for i, case in enumerate(BLOCK_CASES)],
                          ids=lambda v: case_id(v) if isinstance(v, tuple) else v)
 def test_triton_block_fp32(case, layout, device, poisoned_allocations):
-    _compare(case, torch.float32, device, layout)
+    compare_with_reference(case, torch.float32, device, layout, "triton")
 
 
 @pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[7]], ids=case_id)
 def test_triton_block_half_module_updates_running_statistics(case, device):
     # A .half() module: fp16 weights, BN parameters and running statistics.
-    _compare(case, torch.float16, device, "channels_last")
+    compare_with_reference(case, torch.float16, device, "channels_last", "triton")
 
 
 def test_triton_path_calls_no_aten_convolution_or_batch_norm(device):
@@ -74,10 +45,12 @@ def test_triton_path_calls_no_aten_convolution_or_batch_norm(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["resnet50", "preact_resnet50"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_triton_resnet50_training_step_within_eager_error(name, dtype):
+@pytest.mark.parametrize("backend, dtype", [("triton", torch.float32), ("triton", torch.float16),
+                                            ("triton", torch.bfloat16), ("cuda", torch.float16),
+                                            ("cuda", torch.bfloat16)], ids=str)
+def test_resnet50_training_step_within_eager_error(name, backend, dtype):
     # ResNet-50 sized shapes: too slow for the interpreter, so GPU only; every block kind
-    # is checked on CPU above.
+    # is checked on CPU above (triton) and in tests/test_cuda_backend.py (cuda).
     from fused_resnet.testing import float64_copy, train_and_eval_step
     torch.manual_seed(0)
     model = getattr(fused_resnet.models, name)(num_classes=10, backend="reference").cuda()
@@ -85,7 +58,7 @@ def test_triton_resnet50_training_step_within_eager_error(name, dtype):
         memory_format=torch.channels_last)
     truth = train_and_eval_step(float64_copy(model), images.double())
     eager = train_and_eval_step(copy.deepcopy(model).to(dtype), images.to(dtype))
-    fused_model = fused_resnet.convert(model.to(dtype), backend="triton")
+    fused_model = fused_resnet.convert(model.to(dtype), backend=backend)
     fused = train_and_eval_step(fused_model, images.to(dtype))
     assert errors_beyond_eager(fused, eager, truth) == []
 

@@ -1,0 +1,335 @@
+// Per-channel reductions over NHWC tensors (see channel_kernels.h).
+//
+// Stage 1: a block of kVectorsPerBlock x kRowLanes threads covers kVectorsPerBlock vectors of
+// consecutive channels; each thread walks every (gridDim.x * kRowLanes)-th pixel, keeping one
+// state per channel of its vector in registers, then the block merges its row lanes in order
+// into one partial per channel. Stage 2: one thread per channel merges the partials in block
+// order. The number of row blocks depends only on the tensor and the GPU, so results repeat
+// bitwise run to run.
+#include "channel_kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+#include <limits>
+
+namespace fused_resnet {
+namespace {
+
+constexpr int kVectorBytes = 16;
+constexpr int kVectorsPerBlock = 8;  // blockDim.x
+constexpr int kRowLanes = 32;        // blockDim.y
+constexpr int kFinishThreads = 128;
+
+template <typename T>
+struct alignas(kVectorBytes) Vector {
+  static constexpr int kWidth = kVectorBytes / sizeof(T);
+  T value[kWidth];
+};
+
+template <typename T>
+__device__ __forceinline__ Vector<T> load(const T* p) {
+  return *reinterpret_cast<const Vector<T>*>(p);
+}
+
+// Count, mean and sum of squared deviations of the values seen; trivially constructible so
+// it can live in shared memory.
+struct Welford {
+  float count, mean, m2;
+
+  __device__ static Welford zero() { return {0.f, 0.f, 0.f}; }
+
+  __device__ void add(float value) {
+    count += 1.f;
+    const float delta = value - mean;
+    mean += delta / count;
+    m2 += delta * (value - mean);
+  }
+
+  // Chan et al.'s pairwise merge.
+  __device__ void merge(const Welford& other) {
+    if (other.count == 0.f) return;
+    const float total = count + other.count;
+    const float delta = other.mean - mean;
+    mean += delta * (other.count / total);
+    m2 += other.m2 + delta * delta * (count * other.count / total);
+    count = total;
+  }
+};
+
+// sum of g and sum of g * x.
+struct Sums {
+  float sum, dot;
+
+  __device__ static Sums zero() { return {0.f, 0.f}; }
+
+  __device__ void merge(const Sums& other) {
+    sum += other.sum;
+    dot += other.dot;
+  }
+};
+
+// First channel of this thread's vector; the whole vector is in range when this is
+// (channels is a multiple of the vector width).
+template <int kWidth>
+__device__ __forceinline__ int first_channel() {
+  return (blockIdx.y * kVectorsPerBlock + threadIdx.x) * kWidth;
+}
+
+// Merges the block's row lanes in order and writes partials[blockIdx.x * channels + c].
+template <typename State, int kWidth>
+__device__ void store_block_partials(const State (&state)[kWidth], State* partials,
+                                     int channels) {
+  __shared__ State lanes[kRowLanes][kVectorsPerBlock * kWidth];
+  const int column = threadIdx.x * kWidth;
+#pragma unroll
+  for (int k = 0; k < kWidth; ++k) lanes[threadIdx.y][column + k] = state[k];
+  __syncthreads();
+  const int c0 = first_channel<kWidth>();
+  if (threadIdx.y != 0 || c0 >= channels) return;
+#pragma unroll
+  for (int k = 0; k < kWidth; ++k) {
+    State merged = lanes[0][column + k];
+    for (int lane = 1; lane < kRowLanes; ++lane) merged.merge(lanes[lane][column + k]);
+    partials[int64_t(blockIdx.x) * channels + c0 + k] = merged;
+  }
+}
+
+// Stage 2 for channel c: the blocks' partials merged in block order.
+template <typename State>
+__device__ State merge_partials(const State* partials, int row_blocks, int channels, int c) {
+  State merged = partials[c];
+  for (int b = 1; b < row_blocks; ++b) merged.merge(partials[int64_t(b) * channels + c]);
+  return merged;
+}
+
+template <typename T>
+__global__ void welford_partials_kernel(const T* __restrict__ x, int64_t rows, int channels,
+                                        Welford* __restrict__ partials) {
+  constexpr int kWidth = Vector<T>::kWidth;
+  const int c0 = first_channel<kWidth>();
+  Welford state[kWidth];
+#pragma unroll
+  for (int k = 0; k < kWidth; ++k) state[k] = Welford::zero();
+  if (c0 < channels) {
+    for (int64_t row = int64_t(blockIdx.x) * kRowLanes + threadIdx.y; row < rows;
+         row += int64_t(gridDim.x) * kRowLanes) {
+      const Vector<T> v = load(x + row * channels + c0);
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) state[k].add(static_cast<float>(v.value[k]));
+    }
+  }
+  store_block_partials(state, partials, channels);
+}
+
+__global__ void welford_finish_kernel(const Welford* __restrict__ partials, int row_blocks,
+                                      int channels, float* __restrict__ mean,
+                                      float* __restrict__ var) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  const Welford merged = merge_partials(partials, row_blocks, channels, c);
+  mean[c] = merged.mean;
+  var[c] = merged.m2 / merged.count;  // biased, as BatchNorm normalizes with
+}
+
+enum class Mask { kNone, kOutput, kPrologue };
+
+template <typename T>
+__global__ void affine_relu_backward_kernel(
+    const T* __restrict__ grad, const T* __restrict__ x, const float* __restrict__ scale,
+    const float* __restrict__ shift, const T* __restrict__ output, Mask mask, int64_t rows,
+    int channels, T* __restrict__ grad_x, Sums* __restrict__ partials) {
+  constexpr int kWidth = Vector<T>::kWidth;
+  const int c0 = first_channel<kWidth>();
+  Sums state[kWidth];
+#pragma unroll
+  for (int k = 0; k < kWidth; ++k) state[k] = Sums::zero();
+  if (c0 < channels) {
+    float s[kWidth], b[kWidth];
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) {
+      s[k] = scale != nullptr ? scale[c0 + k] : 1.f;
+      b[k] = shift != nullptr ? shift[c0 + k] : 0.f;
+    }
+    for (int64_t row = int64_t(blockIdx.x) * kRowLanes + threadIdx.y; row < rows;
+         row += int64_t(gridDim.x) * kRowLanes) {
+      const int64_t offset = row * channels + c0;
+      const Vector<T> g = load(grad + offset);
+      const Vector<T> xv = load(x + offset);
+      Vector<T> y;
+      if (mask == Mask::kOutput) y = load(output + offset);
+      Vector<T> out;
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) {
+        const float xk = static_cast<float>(xv.value[k]);
+        // `> 0` as torch's threshold_backward: a NaN pre-activation passes no gradient.
+        bool passed = true;
+        if (mask == Mask::kOutput) passed = static_cast<float>(y.value[k]) > 0.f;
+        if (mask == Mask::kPrologue) passed = xk * s[k] + b[k] > 0.f;
+        const float gk = passed ? static_cast<float>(g.value[k]) : 0.f;
+        state[k].sum += gk;
+        state[k].dot += gk * xk;
+        out.value[k] = static_cast<T>(gk * s[k]);
+      }
+      *reinterpret_cast<Vector<T>*>(grad_x + offset) = out;
+    }
+  }
+  store_block_partials(state, partials, channels);
+}
+
+__global__ void sums_finish_kernel(const Sums* __restrict__ partials, int row_blocks,
+                                   int channels, float* __restrict__ sum,
+                                   float* __restrict__ dot) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  const Sums merged = merge_partials(partials, row_blocks, channels, c);
+  sum[c] = merged.sum;
+  dot[c] = merged.dot;
+}
+
+struct Grid {
+  int64_t rows;
+  int channels;
+  dim3 blocks;
+  dim3 threads{kVectorsPerBlock, kRowLanes};
+  int finish_blocks;
+};
+
+Grid grid_for(const at::Tensor& x, int width) {
+  Grid grid;
+  grid.channels = static_cast<int>(x.size(1));
+  grid.rows = x.numel() / grid.channels;
+  const int channel_blocks =
+      (grid.channels + kVectorsPerBlock * width - 1) / (kVectorsPerBlock * width);
+  // About eight blocks per SM in all: enough to cover the memory latency.
+  const int64_t wanted =
+      int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8 / channel_blocks;
+  const int64_t row_blocks = std::min<int64_t>(std::max<int64_t>(wanted, 1),
+                                               (grid.rows + kRowLanes - 1) / kRowLanes);
+  grid.blocks = dim3(static_cast<unsigned>(std::max<int64_t>(row_blocks, 1)), channel_blocks);
+  grid.finish_blocks = (grid.channels + kFinishThreads - 1) / kFinishThreads;
+  return grid;
+}
+
+int vector_width(const at::Tensor& x) { return kVectorBytes / static_cast<int>(x.element_size()); }
+
+bool is_aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % kVectorBytes == 0;
+}
+
+void check_activation(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16 ||
+                  t.scalar_type() == at::kFloat,
+              op, ": ", name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": ", name,
+              " must be contiguous in channels_last memory format, got strides ", t.strides());
+  TORCH_CHECK(t.size(1) % vector_width(t) == 0, op, ": ", name, " has ", t.size(1),
+              " channels, expected a multiple of ", vector_width(t), " (16-byte vectors)");
+  TORCH_CHECK(is_aligned(t), op, ": ", name, " must be 16-byte aligned");
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() &&
+                  t.device() == x.device(),
+              op, ": ", name, " must match x (shape ", x.sizes(), ", ", x.scalar_type(), ", ",
+              x.device(), "), got shape ", t.sizes(), ", ", t.scalar_type(), ", ", t.device());
+  check_activation(op, name, t);
+}
+
+void check_channel_vector(const char* op, const char* name, const at::Tensor& v,
+                          const at::Tensor& x) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1) && v.scalar_type() == at::kFloat &&
+                  v.device() == x.device() && v.is_contiguous(),
+              op, ": ", name, " must be a contiguous float32 vector of x.size(1) = ", x.size(1),
+              " elements on ", x.device(), ", got shape ", v.sizes(), ", ", v.scalar_type(),
+              ", ", v.device());
+}
+
+template <typename State>
+at::Tensor partials_buffer(const at::Tensor& x, const Grid& grid) {
+  static_assert(sizeof(State) % sizeof(float) == 0, "partials are stored as floats");
+  return at::empty({int64_t(grid.blocks.x) * grid.channels,
+                    int64_t(sizeof(State) / sizeof(float))},
+                   x.options().dtype(at::kFloat));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> channel_statistics_cuda(const at::Tensor& x) {
+  constexpr const char* op = "channel_statistics";
+  check_activation(op, "x", x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor mean = at::empty({x.size(1)}, x.options().dtype(at::kFloat));
+  at::Tensor var = at::empty_like(mean);
+  if (x.numel() == 0) {  // no values: as 0 / 0 in PyTorch's batch_norm
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    var.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {mean, var};
+  }
+  const Grid grid = grid_for(x, vector_width(x));
+  at::Tensor partials = partials_buffer<Welford>(x, grid);
+  auto* states = reinterpret_cast<Welford*>(partials.mutable_data_ptr<float>());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    welford_partials_kernel<scalar_t><<<grid.blocks, grid.threads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), grid.rows, grid.channels, states);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  welford_finish_kernel<<<grid.finish_blocks, kFinishThreads, 0, stream>>>(
+      states, grid.blocks.x, grid.channels, mean.mutable_data_ptr<float>(),
+      var.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& output) {
+  constexpr const char* op = "affine_relu_backward";
+  check_activation(op, "x", x);
+  check_like(op, "grad", grad, x);
+  if (scale.has_value()) check_channel_vector(op, "scale", *scale, x);
+  if (shift.has_value()) check_channel_vector(op, "shift", *shift, x);
+  if (output.has_value()) check_like(op, "output", *output, x);
+  TORCH_CHECK(!(shift.has_value() && !scale.has_value()), op,
+              ": shift (a prologue's ReLU mask) needs scale");
+  TORCH_CHECK(!(shift.has_value() && output.has_value()), op,
+              ": give either output (mask y > 0) or shift (mask x * scale + shift > 0)");
+  const Mask mask = output.has_value() ? Mask::kOutput
+                    : shift.has_value() ? Mask::kPrologue
+                                        : Mask::kNone;
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  at::Tensor sum = at::zeros({x.size(1)}, x.options().dtype(at::kFloat));
+  at::Tensor dot = at::zeros_like(sum);
+  if (x.numel() == 0) return {grad_x, dot, sum};
+  const Grid grid = grid_for(x, vector_width(x));
+  at::Tensor partials = partials_buffer<Sums>(x, grid);
+  auto* states = reinterpret_cast<Sums*>(partials.mutable_data_ptr<float>());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    affine_relu_backward_kernel<scalar_t><<<grid.blocks, grid.threads, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+        scale.has_value() ? scale->const_data_ptr<float>() : nullptr,
+        shift.has_value() ? shift->const_data_ptr<float>() : nullptr,
+        output.has_value() ? output->const_data_ptr<scalar_t>() : nullptr, mask, grid.rows,
+        grid.channels, grad_x.mutable_data_ptr<scalar_t>(), states);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sums_finish_kernel<<<grid.finish_blocks, kFinishThreads, 0, stream>>>(
+      states, grid.blocks.x, grid.channels, sum.mutable_data_ptr<float>(),
+      dot.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_x, dot, sum};
+}
+
+}  // namespace fused_resnet

@@ -1,0 +1,31 @@
+// Hand-written CUDA kernels that reduce per channel over every pixel of an NHWC tensor:
+// BatchNorm batch statistics, and the backward of a per-channel affine map with its ReLU.
+//
+// Layout: 4-D channels_last tensors, fp16/bf16/fp32, channels a multiple of 16 bytes' worth
+// of elements (8 halfs, 4 floats): every thread moves one 16-byte vector per pixel.
+// Reductions are deterministic: each block merges its rows in a fixed order into one
+// partial per channel, and a second kernel merges the partials in block order (no atomics).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace fused_resnet {
+
+// (mean, biased variance) per channel, fp32, merged with Chan's formula from per-thread
+// Welford states, so it stays exact when |mean| >> std (no sum of squares).
+std::tuple<at::Tensor, at::Tensor> channel_statistics_cuda(const at::Tensor& x);
+
+// Backward of y = relu?(x * scale[c] + shift[c] + ...) for one affine input x:
+//   g' = grad where the ReLU passed (mask), else 0
+//   returns (g' * scale[c]  in x's dtype, sum of g' * x per channel, sum of g' per channel)
+// The mask is y > 0 when `output` is given (the output of a fused BN-add-ReLU), else
+// x * scale + shift > 0 when `shift` is given (a BN-ReLU prologue, recomputed), else none.
+// Without `scale` the first result is g' itself.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& output);
+
+}  // namespace fused_resnet

@@ -1,0 +1,252 @@
+// CUDA implementations of the fused convolution ops (schemas in registration.cpp):
+//
+//   cuda_conv        y = epilogue(conv(prologue(x), W)) [+ batch statistics of y]
+//   cuda_conv_dgrad  grad of the conv input, then the prologue's ReLU mask and BN-backward
+//                    reductions (grad_x, grad_in_scale, grad_in_shift)
+//   cuda_conv_wgrad  grad of W, with the prologue recomputed in the mainloop
+//
+// Same signatures and meaning as the Triton backend's triton_conv* ops; the plain-PyTorch
+// meaning of each is in fused_resnet/reference.py (fused_conv, conv_dgrad, conv_wgrad).
+// Here the tensors are checked and laid out (NHWC, 16-byte aligned); the CUTLASS kernels
+// are in conv_fprop.cuh and conv_backward.cuh, the per-channel passes in channel_kernels.cu.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "channel_kernels.h"
+#include "conv_kernels.h"
+
+namespace fused_resnet {
+namespace {
+
+constexpr int kVectorElements = 8;  // 16-byte accesses of fp16/bf16 in every CUTLASS kernel
+
+void check_cuda_half(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float16 or bfloat16 (CUTLASS tensor-core kernels), got ",
+              t.scalar_type());
+}
+
+// The conv problem of x (N, C, H, W) and weight (K, C, R, S), "same" padding.
+ConvProblem conv_problem(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                         int64_t stride) {
+  check_cuda_half(op, "x", x);
+  check_cuda_half(op, "weight", weight);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), op,
+              ": weight must have x's dtype and device (", x.scalar_type(), ", ", x.device(),
+              "), got ", weight.scalar_type(), ", ", weight.device());
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight has ", weight.size(1),
+              " input channels, x has ", x.size(1), " (groups are not supported)");
+  TORCH_CHECK(weight.size(2) % 2 == 1 && weight.size(3) % 2 == 1, op,
+              ": the filter must have odd extents (same padding), got ", weight.sizes());
+  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
+  for (const auto& [name, channels] : {std::pair<const char*, int64_t>{"x", x.size(1)},
+                                       {"weight", weight.size(0)}}) {
+    TORCH_CHECK(channels % kVectorElements == 0, op, ": ", name, " has ", channels,
+                " channels, the CUTLASS kernels need a multiple of ", kVectorElements);
+  }
+  ConvProblem p;
+  p.n = x.size(0), p.h = x.size(2), p.w = x.size(3), p.c = x.size(1);
+  p.k = weight.size(0), p.r = weight.size(2), p.s = weight.size(3);
+  p.p = (p.h + 2 * (p.r / 2) - p.r) / stride + 1;
+  p.q = (p.w + 2 * (p.s / 2) - p.s) / stride + 1;
+  p.stride = static_cast<int>(stride);
+  return p;
+}
+
+// t in channels_last, dense and 16-byte aligned, as the kernels read it.
+at::Tensor nhwc(const at::Tensor& t) {
+  at::Tensor dense = t.contiguous(at::MemoryFormat::ChannelsLast);
+  if (reinterpret_cast<uintptr_t>(dense.data_ptr()) % 16 != 0) {
+    dense = dense.clone(at::MemoryFormat::ChannelsLast);
+  }
+  return dense;
+}
+
+at::Tensor output_nhwc(const at::Tensor& x, int n, int c, int h, int w) {
+  return at::empty({n, c, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+// A prologue's (scale, shift) as the mainloop fusion reads them: vectors in x's dtype.
+std::pair<at::Tensor, at::Tensor> prologue_vectors(const char* op, const at::Tensor& x,
+                                                   const c10::optional<at::Tensor>& scale,
+                                                   const c10::optional<at::Tensor>& shift) {
+  TORCH_CHECK(scale.has_value() == shift.has_value(), op,
+              ": in_scale and in_shift go together");
+  if (!scale.has_value()) return {};
+  for (const auto& [name, v] : {std::pair<const char*, const at::Tensor&>{"in_scale", *scale},
+                                {"in_shift", *shift}}) {
+    TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1) && v.device() == x.device(), op, ": ",
+                name, " must be a vector of x.size(1) = ", x.size(1), " elements on ",
+                x.device(), ", got shape ", v.sizes(), " on ", v.device());
+  }
+  return {scale->to(x.scalar_type()).contiguous(), shift->to(x.scalar_type()).contiguous()};
+}
+
+void check_output_gradient(const char* op, const at::Tensor& grad, const ConvProblem& p,
+                           const at::Tensor& x) {
+  check_cuda_half(op, "grad", grad);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({p.n, p.k, p.p, p.q}) &&
+                  grad.scalar_type() == x.scalar_type(),
+              op, ": grad must be the conv output's gradient, shape (", p.n, ", ", p.k, ", ",
+              p.p, ", ", p.q, ") in ", x.scalar_type(), ", got ", grad.sizes(), ", ",
+              grad.scalar_type());
+}
+
+at::Tensor float_vector(const at::Tensor& v) { return v.to(at::kFloat).contiguous(); }
+
+at::Tensor empty_statistics(const at::Tensor& x) {
+  return at::empty({0}, x.options().dtype(at::kFloat));
+}
+
+bool is_half(const at::Tensor& x) { return x.scalar_type() == at::kHalf; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv(
+    const at::Tensor& x_in, const at::Tensor& weight_in, int64_t stride,
+    const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& in_shift,
+    const c10::optional<at::Tensor>& out_scale, const c10::optional<at::Tensor>& out_shift,
+    const c10::optional<at::Tensor>& residual_in, bool out_relu, bool statistics) {
+  constexpr const char* op = "cuda_conv";
+  const ConvProblem p = conv_problem(op, x_in, weight_in, stride);
+  const bool epilogue = out_scale.has_value() || out_shift.has_value() ||
+                        residual_in.has_value() || out_relu;
+  TORCH_CHECK(!(statistics && epilogue), op,
+              ": statistics are of the raw conv output; they cannot be combined with an "
+              "epilogue (out_scale, out_shift, residual, out_relu)");
+  TORCH_CHECK(!(in_scale.has_value() &&
+                (out_scale.has_value() || out_shift.has_value() || out_relu)),
+              op, ": with a prologue (in_scale) the epilogue takes only a residual");
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const auto [scale_vec, shift_vec] = prologue_vectors(op, x_in, in_scale, in_shift);
+  const at::Tensor x = nhwc(x_in);
+  // An epilogue scale is folded into the weight (per output channel), so the kernel's
+  // epilogue needs only a bias vector: W' = W * out_scale[k].
+  at::Tensor weight = weight_in;
+  if (out_scale.has_value()) {
+    TORCH_CHECK(out_scale->dim() == 1 && out_scale->size(0) == p.k, op,
+                ": out_scale must be a vector of weight.size(0) = ", p.k, " elements");
+    weight = (weight_in.to(at::kFloat) * out_scale->to(at::kFloat).view({-1, 1, 1, 1}))
+                 .to(weight_in.scalar_type());
+  }
+  weight = nhwc(weight);
+  at::Tensor bias;
+  if (out_shift.has_value()) {
+    TORCH_CHECK(out_shift->dim() == 1 && out_shift->size(0) == p.k, op,
+                ": out_shift must be a vector of weight.size(0) = ", p.k, " elements");
+    bias = float_vector(*out_shift);
+  }
+  at::Tensor y = output_nhwc(x, p.n, p.k, p.p, p.q);
+  at::Tensor residual;
+  if (residual_in.has_value()) {
+    TORCH_CHECK(residual_in->sizes() == y.sizes() &&
+                    residual_in->scalar_type() == x.scalar_type() &&
+                    residual_in->device() == x.device(),
+                op, ": residual must have the output's shape ", y.sizes(), ", dtype ",
+                x.scalar_type(), " and device; got ", residual_in->sizes(), ", ",
+                residual_in->scalar_type(), ", ", residual_in->device());
+    residual = nhwc(*residual_in);
+  }
+  if (y.numel() > 0) {
+    FpropLaunch launch{p, x.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr()};
+    if (scale_vec.defined()) {
+      launch.in_scale = scale_vec.const_data_ptr();
+      launch.in_shift = shift_vec.const_data_ptr();
+    }
+    launch.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+    launch.residual = residual.defined() ? residual.const_data_ptr() : nullptr;
+    launch.relu = out_relu;
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    is_half(x) ? conv_fprop_f16(launch, stream) : conv_fprop_bf16(launch, stream);
+  }
+  if (!statistics) return {y, empty_statistics(x), empty_statistics(x)};
+  auto [mean, var] = channel_statistics_cuda(y);
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv_dgrad(
+    const at::Tensor& grad_in, const at::Tensor& weight_in, const at::Tensor& x_in,
+    int64_t stride, const c10::optional<at::Tensor>& in_scale,
+    const c10::optional<at::Tensor>& in_shift) {
+  constexpr const char* op = "cuda_conv_dgrad";
+  const ConvProblem p = conv_problem(op, x_in, weight_in, stride);
+  check_output_gradient(op, grad_in, p, x_in);
+  TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), op,
+              ": in_scale and in_shift go together");
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor grad = nhwc(grad_in);
+  const at::Tensor weight = nhwc(weight_in);
+  const at::Tensor x = nhwc(x_in);
+  at::Tensor grad_input = output_nhwc(x, p.n, p.c, p.h, p.w);
+  if (grad_input.numel() > 0) {
+    const DgradLaunch launch{p, grad.const_data_ptr(), weight.const_data_ptr(),
+                             grad_input.mutable_data_ptr()};
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    is_half(x) ? conv_dgrad_f16(launch, stream) : conv_dgrad_bf16(launch, stream);
+  }
+  if (!in_scale.has_value()) return {grad_input, empty_statistics(x), empty_statistics(x)};
+  // Through the prologue relu(x * scale + shift): the ReLU mask is recomputed from x.
+  return affine_relu_backward_cuda(grad_input, x, float_vector(*in_scale),
+                                   float_vector(*in_shift), c10::nullopt);
+}
+
+at::Tensor cuda_conv_wgrad(const at::Tensor& grad_in, const at::Tensor& x_in,
+                           const at::Tensor& weight, int64_t stride,
+                           const c10::optional<at::Tensor>& in_scale,
+                           const c10::optional<at::Tensor>& in_shift) {
+  constexpr const char* op = "cuda_conv_wgrad";
+  const ConvProblem p = conv_problem(op, x_in, weight, stride);
+  check_output_gradient(op, grad_in, p, x_in);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const auto [scale_vec, shift_vec] = prologue_vectors(op, x_in, in_scale, in_shift);
+  const at::Tensor grad = nhwc(grad_in);
+  const at::Tensor x = nhwc(x_in);
+  at::Tensor grad_weight = at::empty(
+      weight.sizes(), x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  if (grad.numel() > 0) {
+    WgradLaunch launch{p, grad.const_data_ptr(), x.const_data_ptr(),
+                       grad_weight.mutable_data_ptr<float>()};
+    if (scale_vec.defined()) {
+      launch.in_scale = scale_vec.const_data_ptr();
+      launch.in_shift = shift_vec.const_data_ptr();
+    }
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    is_half(x) ? conv_wgrad_f16(launch, stream) : conv_wgrad_bf16(launch, stream);
+  }
+  return at::empty_like(weight).copy_(grad_weight);
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_channel_stats(const at::Tensor& x) {
+  return channel_statistics_cuda(nhwc(x));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward(
+    const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& output) {
+  const auto optional_nhwc = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
+    if (!t.has_value()) return c10::nullopt;
+    return nhwc(*t);
+  };
+  const auto optional_float = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
+    if (!t.has_value()) return c10::nullopt;
+    return float_vector(*t);
+  };
+  return affine_relu_backward_cuda(nhwc(grad), nhwc(x), optional_float(scale),
+                                   optional_float(shift), optional_nhwc(output));
+}
+
+}  // namespace fused_resnet
+
+TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
+  m.impl("cuda_conv", &fused_resnet::cuda_conv);
+  m.impl("cuda_conv_dgrad", &fused_resnet::cuda_conv_dgrad);
+  m.impl("cuda_conv_wgrad", &fused_resnet::cuda_conv_wgrad);
+  m.impl("cuda_channel_stats", &fused_resnet::cuda_channel_stats);
+  m.impl("affine_relu_backward", &fused_resnet::affine_relu_backward);
+}

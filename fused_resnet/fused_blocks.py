@@ -1,0 +1,154 @@
+"""The four residual blocks on a backend's fused ops: the ``triton`` and ``cuda`` backends.
+
+:class:`FusedBlocks` composes the blocks from three ops of one backend (:class:`Kernels`:
+the fused conv, BN-apply + shortcut + ReLU, channel statistics; same schemas in both
+backends, see :mod:`fused_resnet.op_support`). Its four block functions have the
+signatures and semantics of :mod:`fused_resnet.reference`. The plan:
+
+* BatchNorm with batch statistics (training): the conv that produces the BN's input
+  computes its per-channel statistics in its epilogue and stores the raw output; the BN
+  (scale/shift from :func:`reference.normalization`, which also updates the running
+  statistics once per forward) is applied, with the ReLU, in the prologue of the conv
+  that consumes it. The normalized activation never reaches memory, in forward or in
+  backward (dgrad and wgrad recompute it from the raw tensor).
+* Post-activation blocks end in BN + shortcut + ReLU: one elementwise pass (which also
+  applies the projection shortcut's BN).
+* Inference (every BN on running statistics, no gradient needed): post-activation
+  blocks fold each BN into its conv's epilogue, and the last conv adds the shortcut and
+  applies the ReLU there, so no standalone BN or add kernel runs. Pre-activation blocks
+  apply BN-ReLU in the prologues in every mode, and add the shortcut in the last conv's
+  epilogue.
+* The input of a pre-activation block in training needs its batch statistics before the
+  first conv: one reduction pass.
+
+Outputs are channels_last; an NCHW input gets an NCHW output, as PyTorch would give.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fused_resnet.reference import BatchNormParams, Projection, normalization
+
+ScaleShift = tuple[Tensor, Tensor]
+
+
+class Kernels(NamedTuple):
+    """One backend's ops, with the schemas of the ``triton_*`` ops."""
+
+    # (x, weight, stride, in_scale, in_shift, out_scale, out_shift, residual, out_relu,
+    #  statistics) -> (y, mean, var)
+    conv: Callable
+    # (a, a_scale, a_shift, residual, r_scale, r_shift, relu) -> y
+    bn_add_relu: Callable
+    # (x) -> (mean, biased var)
+    channel_stats: Callable
+
+
+def _count(t: Tensor) -> int:
+    return t.numel() // t.shape[1]
+
+
+def _in_input_format(out: Tensor, x: Tensor) -> Tensor:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return out if channels_last else out.contiguous()
+
+
+def _needs_grad(x: Tensor, weights: Sequence[Tensor], bns: Sequence[BatchNormParams]) -> bool:
+    tensors = [x, *weights] + [t for bn in bns for t in (bn.weight, bn.bias) if t is not None]
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class FusedBlocks:
+    """The four block functions of :mod:`fused_resnet.reference` on ``kernels``."""
+
+    def __init__(self, kernels: Kernels):
+        self.kernels = kernels
+
+    def _conv(self, x: Tensor, weight: Tensor, stride: int = 1,
+              prologue: Optional[ScaleShift] = None, epilogue: Optional[ScaleShift] = None,
+              residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+        in_scale, in_shift = prologue or (None, None)
+        out_scale, out_shift = epilogue or (None, None)
+        return self.kernels.conv(x, weight, stride, in_scale, in_shift, out_scale, out_shift,
+                                 residual, relu, False)[0]
+
+    def _conv_feeding_bn(self, x: Tensor, weight: Tensor, bn: BatchNormParams, stride: int = 1,
+                         prologue: Optional[ScaleShift] = None) -> tuple[Tensor, ScaleShift]:
+        """The raw conv output and the (scale, shift) of the BN it feeds."""
+        in_scale, in_shift = prologue or (None, None)
+        z, mean, var = self.kernels.conv(x, weight, stride, in_scale, in_shift, None, None,
+                                         None, False, bn.uses_batch_stats)
+        return z, normalization(bn, _count(z), (mean, var) if bn.uses_batch_stats else None)
+
+    def _post_act(self, x: Tensor, layers: list[tuple[Tensor, BatchNormParams, int]],
+                  shortcut: Optional[Projection]) -> Tensor:
+        """``relu(bn_k(conv_k(...relu(bn_1(conv_1(x)))...)) + shortcut(x))``."""
+        stride = max(s for _, _, s in layers)
+        bns = [bn for _, bn, _ in layers] + ([shortcut.bn] if shortcut else [])
+        weights = [w for w, _, _ in layers] + ([shortcut.weight] if shortcut else [])
+        if not any(bn.uses_batch_stats for bn in bns) and not _needs_grad(x, weights, bns):
+            identity = x
+            if shortcut is not None:
+                identity = self._conv(x, shortcut.weight, stride,
+                                      epilogue=normalization(shortcut.bn, _count(x), None))
+            h = x
+            for index, (weight, bn, layer_stride) in enumerate(layers):
+                last = index == len(layers) - 1
+                h = self._conv(h, weight, layer_stride,
+                               epilogue=normalization(bn, _count(h), None),
+                               residual=identity if last else None, relu=True)
+            return _in_input_format(h, x)
+
+        h, scale_shift = x, None
+        for weight, bn, layer_stride in layers:
+            h, scale_shift = self._conv_feeding_bn(h, weight, bn, layer_stride, scale_shift)
+        if shortcut is None:
+            residual, residual_scale_shift = x, (None, None)
+        else:
+            residual, residual_scale_shift = self._conv_feeding_bn(x, shortcut.weight,
+                                                                   shortcut.bn, stride)
+        out = self.kernels.bn_add_relu(h, *scale_shift, residual, *residual_scale_shift, True)
+        return _in_input_format(out, x)
+
+    def _pre_act(self, x: Tensor, norms: list[BatchNormParams], convs: list[tuple[Tensor, int]],
+                 shortcut: Optional[Projection]) -> Tensor:
+        """``conv_k(relu(bn_k(...conv_1(relu(bn_1(x)))...))) + shortcut``."""
+        first = norms[0]
+        batch_stats = self.kernels.channel_stats(x) if first.uses_batch_stats else None
+        scale_shift = normalization(first, _count(x), batch_stats)
+        stride = max(s for _, s in convs)
+        identity = x if shortcut is None else self._conv(x, shortcut.weight, stride, scale_shift)
+        h = x
+        for (weight, conv_stride), next_norm in zip(convs[:-1], norms[1:]):
+            h, scale_shift = self._conv_feeding_bn(h, weight, next_norm, conv_stride,
+                                                   scale_shift)
+        weight, conv_stride = convs[-1]
+        out = self._conv(h, weight, conv_stride, scale_shift, residual=identity)
+        return _in_input_format(out, x)
+
+    def basic_block(self, x: Tensor, conv1: Tensor, bn1: BatchNormParams, conv2: Tensor,
+                    bn2: BatchNormParams, stride: int = 1,
+                    shortcut: Optional[Projection] = None) -> Tensor:
+        return self._post_act(x, [(conv1, bn1, stride), (conv2, bn2, 1)], shortcut)
+
+    def bottleneck(self, x: Tensor, conv1: Tensor, bn1: BatchNormParams, conv2: Tensor,
+                   bn2: BatchNormParams, conv3: Tensor, bn3: BatchNormParams, stride: int = 1,
+                   shortcut: Optional[Projection] = None) -> Tensor:
+        return self._post_act(x, [(conv1, bn1, 1), (conv2, bn2, stride), (conv3, bn3, 1)],
+                              shortcut)
+
+    def preact_basic_block(self, x: Tensor, norm1: BatchNormParams, conv1: Tensor,
+                           norm2: BatchNormParams, conv2: Tensor, stride: int = 1,
+                           shortcut: Optional[Projection] = None) -> Tensor:
+        return self._pre_act(x, [norm1, norm2], [(conv1, stride), (conv2, 1)], shortcut)
+
+    def preact_bottleneck(self, x: Tensor, norm1: BatchNormParams, conv1: Tensor,
+                          norm2: BatchNormParams, conv2: Tensor, norm3: BatchNormParams,
+                          conv3: Tensor, stride: int = 1,
+                          shortcut: Optional[Projection] = None) -> Tensor:
+        return self._pre_act(x, [norm1, norm2, norm3],
+                             [(conv1, 1), (conv2, stride), (conv3, 1)], shortcut)

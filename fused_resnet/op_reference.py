@@ -1,0 +1,96 @@
+"""The plain-PyTorch meaning of each fused op, beside the kernels that implement it.
+
+The ``triton_*`` and ``cuda_*`` ops compute what these functions compute (up to rounding:
+the kernels accumulate in fp32 and round once). They are the oracle of the op tests and
+the CPU kernels of the ``cuda_*`` ops, so those ops' schemas, fakes and autograd formulas
+are checked (``torch.library.opcheck``, ``gradcheck`` in fp64) without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet import reference
+
+_NON_CHANNEL_DIMS = (0, 2, 3)
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _accumulation_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _prologue(x: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor]) -> Tensor:
+    return x if in_scale is None else reference.scale_shift_add_relu(x, in_scale, in_shift)
+
+
+def _padding(weight: Tensor) -> int:
+    return weight.shape[-1] // 2
+
+
+def fused_conv(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tensor],
+               in_shift: Optional[Tensor], out_scale: Optional[Tensor],
+               out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
+               statistics: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``y = [relu]((conv(prologue(x), W) * out_scale + out_shift [+ residual])``,
+    prologue(x) = relu(x * in_scale + in_shift) with zero padding after it; returns
+    (y channels_last, mean, biased var of y), the statistics empty unless asked for."""
+    y = reference.conv(_prologue(x, in_scale, in_shift), weight, stride)
+    if out_scale is not None or out_shift is not None or residual is not None or out_relu:
+        channels = y.shape[1]
+        scale = out_scale if out_scale is not None else y.new_ones(channels)
+        shift = out_shift if out_shift is not None else y.new_zeros(channels)
+        y = reference.scale_shift_add_relu(y, scale, shift, residual, out_relu)
+    y = _channels_last(y)
+    if not statistics:
+        empty = y.new_empty(0, dtype=_accumulation_dtype(x))
+        return y, empty, empty.clone()
+    mean, var = reference.batch_statistics(y)
+    return y, mean, var
+
+
+def affine_relu_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor],
+                         shift: Optional[Tensor],
+                         output: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``y = relu?(x * scale + shift + ...)`` for one affine input ``x``:
+    ``g' = grad`` where the ReLU passed (``output > 0`` when ``output`` is given, else
+    ``x * scale + shift > 0`` when ``shift`` is given, else everywhere), 0 elsewhere.
+    Returns (g' * scale in x's dtype, sum of g' * x, sum of g') per channel."""
+    acc = _accumulation_dtype(x)
+    g, xf = grad.to(acc), x.to(acc)
+    if output is not None:
+        g = g.where(output > 0, 0)
+    elif shift is not None:
+        g = g.where(xf * scale.to(acc).reshape(1, -1, 1, 1)
+                    + shift.to(acc).reshape(1, -1, 1, 1) > 0, 0)
+    grad_x = g if scale is None else g * scale.to(acc).reshape(1, -1, 1, 1)
+    return (_channels_last(grad_x.to(x.dtype)), (g * xf).sum(_NON_CHANNEL_DIMS),
+            g.sum(_NON_CHANNEL_DIMS))
+
+
+def conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
+               in_scale: Optional[Tensor],
+               in_shift: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient of :func:`fused_conv`'s ``x`` (through the prologue) from the gradient of
+    its raw conv output: (grad_x, grad_in_scale, grad_in_shift), the last two empty without
+    a prologue."""
+    grad_input = torch.nn.grad.conv2d_input(x.shape, weight, grad, stride=stride,
+                                            padding=_padding(weight))
+    if in_scale is None:
+        empty = x.new_empty(0, dtype=_accumulation_dtype(x))
+        return _channels_last(grad_input), empty, empty.clone()
+    return affine_relu_backward(grad_input, x, in_scale, in_shift, None)
+
+
+def conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride: int,
+               in_scale: Optional[Tensor], in_shift: Optional[Tensor]) -> Tensor:
+    """Gradient of :func:`fused_conv`'s ``weight``, in its dtype and memory layout."""
+    grad_weight = torch.nn.grad.conv2d_weight(_prologue(x, in_scale, in_shift), weight.shape,
+                                              grad, stride=stride, padding=_padding(weight))
+    return torch.empty_like(weight).copy_(grad_weight)

@@ -1,0 +1,138 @@
+"""What the Triton and CUDA backends' fused ops share: their fake (shape-only)
+implementations and their autograd formulas.
+
+Both backends have the same three forward ops with the same schemas:
+
+  <backend>_conv           y = epilogue(conv(prologue(x), W)) [+ batch statistics of y]
+  <backend>_channel_stats  per-channel mean and biased variance
+  a BN-apply + shortcut + ReLU op (triton_bn_add_relu, scale_shift_add_relu)
+
+and the conv's backward ops ``<backend>_conv_dgrad`` (the input gradient through the
+prologue, with the prologue's scale/shift gradients) and ``<backend>_conv_wgrad``. The
+plain-PyTorch meaning of each is in :mod:`fused_resnet.reference` (``fused_conv``,
+``conv_dgrad``, ``conv_wgrad``, ``batch_statistics``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+_CHANNELS_LAST = torch.channels_last
+
+
+def channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=_CHANNELS_LAST)
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    return v.reshape(1, -1, 1, 1)
+
+
+def statistics_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def output_size(size: int, kernel: int, stride: int) -> int:
+    """Output extent of a "same"-padded (kernel // 2) convolution."""
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+# --- fakes -------------------------------------------------------------------------------
+
+def conv_fake(x, weight, stride, in_scale, in_shift, out_scale, out_shift, residual, out_relu,
+              statistics):
+    n, _, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    y = torch.empty((n, c_out, output_size(h, kh, stride), output_size(w, kw, stride)),
+                    dtype=x.dtype, device=x.device, memory_format=_CHANNELS_LAST)
+    stats_size = c_out if statistics else 0
+    return (y, x.new_empty(stats_size, dtype=statistics_dtype(x)),
+            x.new_empty(stats_size, dtype=statistics_dtype(x)))
+
+
+def conv_dgrad_fake(grad, weight, x, stride, in_scale, in_shift):
+    size = 0 if in_scale is None else x.shape[1]
+    return (torch.empty_like(x, memory_format=_CHANNELS_LAST),
+            x.new_empty(size, dtype=statistics_dtype(x)),
+            x.new_empty(size, dtype=statistics_dtype(x)))
+
+
+def conv_wgrad_fake(grad, x, weight, stride, in_scale, in_shift):
+    return torch.empty_like(weight)
+
+
+def channel_stats_fake(x):
+    return (x.new_empty(x.shape[1], dtype=statistics_dtype(x)),
+            x.new_empty(x.shape[1], dtype=statistics_dtype(x)))
+
+
+# --- autograd ------------------------------------------------------------------------------
+
+def _statistics_gradient(x: Tensor, mean: Tensor, grad_mean, grad_var) -> Tensor:
+    """d(loss)/dx through (mean, biased var) of x per channel, in at least fp32."""
+    count = x.numel() // x.shape[1]
+    acc = statistics_dtype(x)
+    grad = torch.zeros((), dtype=acc, device=x.device)
+    if grad_mean is not None:
+        grad = grad + _per_channel(grad_mean) / count
+    if grad_var is not None:
+        grad = grad + _per_channel(grad_var) * 2 / count * (x.to(acc) - _per_channel(mean))
+    return grad
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, stride, in_scale, in_shift, out_scale, out_shift, residual, out_relu, stats = \
+        inputs
+    y, mean, _ = output
+    ctx.stride, ctx.out_relu, ctx.statistics = stride, out_relu, stats
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, weight, in_scale, in_shift, out_scale, y, mean)
+
+
+def register_conv_autograd(conv: object, dgrad: Callable, wgrad: Callable) -> None:
+    """Autograd of a fused conv op from its backend's dgrad and wgrad ops."""
+    def backward(ctx, grad_y, grad_mean, grad_var):
+        x, weight, in_scale, in_shift, out_scale, y, mean = ctx.saved_tensors
+        if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
+            raise RuntimeError("fused conv: gradients of out_scale/out_shift are not "
+                               "implemented; fold BatchNorm into the epilogue only when no "
+                               "gradient is needed (fused_resnet's blocks do)")
+        grad = grad_y.to(statistics_dtype(grad_y))
+        if ctx.statistics:
+            grad = grad + _statistics_gradient(y, mean, grad_mean, grad_var)
+        if ctx.out_relu:
+            grad = grad.where(y > 0, 0.0)
+        grad_residual = grad.to(x.dtype) if ctx.has_residual else None
+        if out_scale is not None:
+            grad = grad * _per_channel(out_scale)
+        grad = channels_last(grad.to(x.dtype))
+        grad_x = grad_weight = grad_in_scale = grad_in_shift = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_x, grad_in_scale, grad_in_shift = dgrad(grad, weight, x, ctx.stride, in_scale,
+                                                         in_shift)
+            if in_scale is None:
+                grad_in_scale = grad_in_shift = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = wgrad(grad, x, weight, ctx.stride, in_scale, in_shift)
+        return (grad_x, grad_weight, None, grad_in_scale, grad_in_shift, None, None,
+                grad_residual, None, None)
+
+    torch.library.register_autograd(conv, backward, setup_context=_conv_setup_context)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _stats_backward(ctx, grad_mean, grad_var):
+    x, mean = ctx.saved_tensors
+    grad = torch.zeros_like(x, dtype=statistics_dtype(x))
+    return (grad + _statistics_gradient(x, mean, grad_mean, grad_var)).to(x.dtype)
+
+
+def register_channel_stats_autograd(channel_stats: object) -> None:
+    torch.library.register_autograd(channel_stats, _stats_backward,
+                                    setup_context=_stats_setup_context)

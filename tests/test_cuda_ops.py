@@ -1,0 +1,254 @@
+"""The ops of the cuda backend (CUTLASS convolutions and channel reductions in
+fused_resnet._C) and its blocks.
+
+Without a GPU: the op schemas, fakes and autograd formulas are checked with opcheck and
+fp64 gradcheck through the ops' CPU kernels (their plain-PyTorch meaning,
+fused_resnet.op_reference); the blocks are composed from the same ops on CPU in fp64 and
+compared with the reference; the backend's refusals are checked. On a GPU (marked
+``gpu``): each op and each block against fp64 truth within eager's error in fp16 and
+bf16, on NaN-poisoned memory.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fused_resnet
+from blockcases import build_plain, case_id, compare_with_reference, run_steps
+from fused_resnet import backends, cuda_ops, extension, op_reference
+from fused_resnet.fused_blocks import FusedBlocks
+from fused_resnet.testing import errors_beyond_eager
+
+pytestmark = pytest.mark.skipif(extension.load_error() is not None,
+                                reason=f"fused_resnet._C is not built: {extension.load_error()}")
+
+# Channel counts the CUTLASS kernels take (multiples of 8), with stride 2, projections,
+# and every block kind.
+CUDA_BLOCK_CASES = [
+    ("basic", 16, 16, 1, False),
+    ("basic", 8, 16, 2, True),
+    ("bottleneck", 32, 8, 1, False),   # 32 = 8 * expansion 4: identity shortcut
+    ("bottleneck", 16, 8, 2, True),
+    ("preact_basic", 16, 16, 1, False),
+    ("preact_basic", 8, 24, 2, True),
+    ("preact_bottleneck", 32, 32, 1, False),
+    ("preact_bottleneck", 16, 32, 2, True),
+]
+
+# (prologue, epilogue): which fused conv each block plan uses.
+CONV_FUSIONS = ["plain", "prologue", "prologue_residual", "statistics", "prologue_statistics",
+                "epilogue", "epilogue_residual_relu"]
+
+
+def _conv_arguments(fusion, dtype, device, c_in=8, c_out=16, stride=2, batch=3, h=7, w=5):
+    x = torch.randn(batch, c_in, h, w, dtype=dtype, device=device)
+    weight = torch.randn(c_out, c_in, 3, 3, dtype=dtype, device=device) / math.sqrt(9 * c_in)
+    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    arguments = dict(x=x, weight=weight, stride=stride, in_scale=None, in_shift=None,
+                     out_scale=None, out_shift=None, residual=None, out_relu=False,
+                     statistics="statistics" in fusion)
+    if fusion.startswith("prologue"):
+        arguments["in_scale"] = torch.rand(c_in, device=device, dtype=dtype) + 0.5
+        arguments["in_shift"] = torch.randn(c_in, device=device, dtype=dtype) * 0.5
+    if fusion.startswith("epilogue"):
+        arguments["out_scale"] = torch.rand(c_out, device=device, dtype=dtype) + 0.5
+        arguments["out_shift"] = torch.randn(c_out, device=device, dtype=dtype) * 0.5
+    if "residual" in fusion:
+        arguments["residual"] = torch.randn(batch, c_out, p, q, dtype=dtype, device=device)
+    arguments["out_relu"] = fusion.endswith("relu")
+    return arguments
+
+
+def _differentiable(arguments):
+    # The epilogue's scale and shift are folded BatchNorms of inference: no gradient.
+    return {k: (v.detach().requires_grad_(not k.startswith("out_"))
+                if isinstance(v, torch.Tensor) else v) for k, v in arguments.items()}
+
+
+@pytest.mark.parametrize("fusion", CONV_FUSIONS)
+def test_cuda_conv_passes_opcheck_and_gradcheck_on_its_cpu_kernel(fusion):
+    arguments = _differentiable(_conv_arguments(fusion, torch.float64, "cpu"))
+    torch.library.opcheck(torch.ops.fused_resnet.cuda_conv.default,
+                          tuple(arguments.values()))
+    tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)
+               and v.requires_grad}
+
+    def outputs(*values):
+        y, mean, var = cuda_ops.cuda_conv(**{**arguments, **dict(zip(tensors, values))})
+        # Weighted so that the statistics' gradients do not cancel.
+        return y, mean * torch.arange(mean.numel()), var
+    # The backward is the shared formula plus the dgrad/wgrad ops: checked numerically.
+    assert torch.autograd.gradcheck(outputs, tuple(tensors.values()), atol=1e-6)
+
+
+@pytest.mark.parametrize("op, arguments", [
+    ("cuda_conv_dgrad", lambda a, g: (g, a["weight"], a["x"], 2, a["in_scale"], a["in_shift"])),
+    ("cuda_conv_wgrad", lambda a, g: (g, a["x"], a["weight"], 2, a["in_scale"], a["in_shift"])),
+    ("cuda_channel_stats", lambda a, g: (a["x"],)),
+    ("affine_relu_backward", lambda a, g: (torch.randn_like(a["x"]), a["x"], a["in_scale"],
+                                           a["in_shift"], None)),
+])
+def test_backward_and_statistics_ops_pass_opcheck_on_their_cpu_kernels(op, arguments):
+    a = _conv_arguments("prologue", torch.float64, "cpu")
+    grad = torch.randn(3, 16, 4, 3, dtype=torch.float64)
+    torch.library.opcheck(getattr(torch.ops.fused_resnet, op).default, arguments(a, grad))
+
+
+@pytest.fixture
+def cuda_plan_as_reference(monkeypatch):
+    """backend='reference' runs the cuda backend's block plan (on the cuda ops' CPU
+    kernels), which backend='cuda' itself only runs on CUDA tensors."""
+    plan = backends.BACKENDS["reference"]._replace(functions=FusedBlocks(cuda_ops.KERNELS))
+    monkeypatch.setitem(backends.BACKENDS, "reference", plan)
+
+
+def _cpu_steps(case):
+    return [(torch.randn(3, case[1], 7, 5, dtype=torch.float64), "train"),
+            (torch.randn(1, case[1], 5, 7, dtype=torch.float64), "eval"),
+            (torch.randn(2, case[1], 5, 5, dtype=torch.float64), "no_grad")]
+
+
+@pytest.mark.parametrize("case", CUDA_BLOCK_CASES, ids=case_id)
+def test_cuda_block_plan_matches_reference_on_cpu_kernels(case, request):
+    """The cuda backend's composition of its ops computes the reference's outputs,
+    gradients and running statistics (fp64, through the ops' CPU kernels)."""
+    block, steps = build_plain(case).double(), _cpu_steps(case)
+    truth = run_steps(fused_resnet.convert(block, backend="reference"), steps)
+    request.getfixturevalue("cuda_plan_as_reference")
+    fused = run_steps(fused_resnet.convert(block, backend="reference"), steps)
+    assert fused.keys() == truth.keys()
+    for name, expected in truth.items():
+        torch.testing.assert_close(fused[name], expected, msg=name)
+
+
+@pytest.mark.parametrize("case", [CUDA_BLOCK_CASES[3], CUDA_BLOCK_CASES[7]], ids=case_id)
+def test_cuda_block_plan_compiles_fullgraph(case, cuda_plan_as_reference):
+    """The cuda ops' schemas, fakes and autograd trace without graph breaks."""
+    torch._dynamo.reset()
+    block, steps = fused_resnet.convert(build_plain(case).double(), backend="reference"), \
+        _cpu_steps(case)
+    compiled = copy.deepcopy(block)
+    expected = run_steps(block, steps)
+    actual = {name.replace("_orig_mod.", ""): value for name, value
+              in run_steps(torch.compile(compiled, fullgraph=True), steps).items()}
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, msg=name)
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (lambda: torch.randn(2, 16, 4, 4), "input dtype is torch.float32"),
+    (lambda: torch.randn(2, 16, 4, 4, dtype=torch.float64), "input dtype is torch.float64"),
+    (lambda: torch.randn(2, 16, 4, 4).half(), "the input is on cpu"),
+])
+def test_cuda_backend_refuses_what_its_kernels_cannot_run(make_input, message):
+    x = make_input()
+    block = fused_resnet.BasicBlock(16, 16, backend="cuda").to(x.dtype)
+    with pytest.raises(fused_resnet.BackendUnavailableError, match=message):
+        block(x)
+
+
+def test_cuda_backend_names_channel_counts_that_are_not_multiples_of_8():
+    block = fused_resnet.Bottleneck(24, 6, backend="cuda").half()  # width 6, 24 out
+    with pytest.raises(fused_resnet.BackendUnavailableError,
+                       match=r"channel counts \[6\] are not multiples of 8"):
+        block(torch.randn(2, 24, 4, 4).half())
+
+
+def test_auto_does_not_route_to_cuda_before_its_gpu_suite_has_run():
+    x = torch.randn(2, 16, 4, 4).half()
+    assert "GPU test suite" in backends.BACKENDS["cuda"].why_not(x, {}, True)
+    assert "the input is on cpu" in backends.BACKENDS["cuda"].why_not(x, {}, False)
+
+
+# --- on a GPU ------------------------------------------------------------------------------
+
+@pytest.fixture
+def poisoned_cuda_memory():
+    """Fill the CUDA caching allocator's free blocks with NaN, so that the C++ ops' own
+    allocations (at::empty) start as NaN and an element a kernel leaves unwritten fails."""
+    torch.cuda.empty_cache()
+    # Allocations up to 1 MB come from the small pool's 2 MB segments, larger ones from the
+    # large pool: poison both.
+    blocks = [torch.full((1 << 17,), math.nan, device="cuda") for _ in range(8)]
+    blocks.append(torch.full((1 << 27,), math.nan, device="cuda"))
+    del blocks
+    yield
+
+
+def _op_results(arguments, run):
+    """Outputs of one fused conv and the gradients of every differentiable input."""
+    arguments = _differentiable(arguments)
+    y, mean, var = run(**arguments)
+    results = {"y": y.detach()}
+    loss = (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum()
+    if mean.numel():
+        results.update(mean=mean.detach(), var=var.detach())
+        loss = loss + (mean * torch.arange(mean.numel(), device=y.device)).sum() + var.sum()
+    tensors = {k: v for k, v in arguments.items()
+               if isinstance(v, torch.Tensor) and v.requires_grad}
+    for name, grad in zip(tensors, torch.autograd.grad(loss, list(tensors.values()))):
+        results[f"grad {name}"] = grad
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion", CONV_FUSIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [dict(batch=1, h=9, w=7, stride=1),
+                                   dict(batch=3, h=7, w=5, stride=2),
+                                   dict(batch=2, h=14, w=14, stride=2, c_in=64, c_out=128)],
+                         ids=["b1-9x7-s1", "b3-7x5-s2", "b2-14x14-s2-64to128"])
+def test_cuda_conv_forward_and_backward_within_eager_error(fusion, dtype, shape,
+                                                           poisoned_cuda_memory):
+    arguments = _conv_arguments(fusion, torch.float64, "cuda", **shape)
+    cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in arguments.items()}
+    truth = _op_results(arguments, op_reference.fused_conv)
+    eager = _op_results(cast, op_reference.fused_conv)
+    fused = _op_results(cast, cuda_ops.cuda_conv)
+    assert fused["y"].is_contiguous(memory_format=torch.channels_last)
+    assert errors_beyond_eager(fused, eager, truth) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_channel_stats_stay_exact_when_the_mean_dwarfs_the_spread(dtype):
+    x = (1000 + torch.randn(4, 16, 9, 9, device="cuda")).to(dtype)
+    mean, var = cuda_ops.cuda_channel_stats(x)
+    expected_mean, expected_var = op_reference.reference.batch_statistics(x.double())
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CUDA_BLOCK_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "non_contiguous"])
+def test_cuda_block_within_eager_error(case, dtype, layout, poisoned_cuda_memory):
+    compare_with_reference(case, dtype, "cuda", layout, "cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_block_is_clean_under_compute_sanitizer(tmp_path):
+    """memcheck on a small training step and an inference step of a projection block."""
+    import shutil
+    import subprocess
+    import sys
+    sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    if not shutil.which(sanitizer):
+        pytest.skip("compute-sanitizer is not installed")
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import torch, fused_resnet\n"
+        "block = fused_resnet.Bottleneck(16, 8, stride=2, backend='cuda').cuda().half()\n"
+        "x = torch.randn(3, 16, 7, 5, device='cuda').half().requires_grad_()\n"
+        "block(x).float().sum().backward()\n"
+        "block.eval()\n"
+        "with torch.no_grad():\n"
+        "    block(x)\n"
+        "torch.cuda.synchronize()\n")
+    result = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "1",
+                             sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
