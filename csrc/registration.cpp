@@ -1,7 +1,7 @@
 // Op schemas of the fused_resnet namespace and the Python module fused_resnet._C.
 //
-// The CUDA kernels register in their own files; the CPU kernels of the cuda_* ops and of
-// affine_relu_backward are their plain-PyTorch references, registered from Python
+// The CUDA kernels register in their own files; the CPU kernels of the cuda_* ops, of
+// affine_relu_backward and of the bn_* ops are their plain-PyTorch references, registered from Python
 // (fused_resnet/cuda_ops.py) so the ops can be checked without a GPU.
 //
 // Importing fused_resnet._C runs the static TORCH_LIBRARY registrations below; the module
@@ -24,6 +24,10 @@ TORCH_LIBRARY(fused_resnet, m) {
   m.def("cuda_conv_wgrad(Tensor grad, Tensor x, Tensor weight, int stride, Tensor? in_scale, "
         "Tensor? in_shift) -> Tensor");
   m.def("cuda_channel_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("bn_scale_shift(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) "
+        "-> (Tensor, Tensor)");
+  m.def("bn_update_running_stats(Tensor mean, Tensor var, Tensor(a!) running_mean, "
+        "Tensor(b!) running_var, float factor, int count) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {

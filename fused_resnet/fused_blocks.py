@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fused_resnet.reference import BatchNormParams, Projection, normalization
+from fused_resnet.reference import BatchNormParams, Finalize, Projection, normalization
 
 ScaleShift = tuple[Tensor, Tensor]
 
@@ -46,6 +46,8 @@ class Kernels(NamedTuple):
     bn_add_relu: Callable
     # (x) -> (mean, biased var)
     channel_stats: Callable
+    # batch statistics -> scale/shift and running statistics
+    finalize: Finalize = Finalize()
 
 
 def _count(t: Tensor) -> int:
@@ -68,6 +70,10 @@ class FusedBlocks:
     def __init__(self, kernels: Kernels):
         self.kernels = kernels
 
+    def _normalization(self, bn: BatchNormParams, count: int,
+                       batch_stats: Optional[tuple[Tensor, Tensor]]) -> ScaleShift:
+        return normalization(bn, count, batch_stats, self.kernels.finalize)
+
     def _conv(self, x: Tensor, weight: Tensor, stride: int = 1,
               prologue: Optional[ScaleShift] = None, epilogue: Optional[ScaleShift] = None,
               residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
@@ -82,7 +88,8 @@ class FusedBlocks:
         in_scale, in_shift = prologue or (None, None)
         z, mean, var = self.kernels.conv(x, weight, stride, in_scale, in_shift, None, None,
                                          None, False, bn.uses_batch_stats)
-        return z, normalization(bn, _count(z), (mean, var) if bn.uses_batch_stats else None)
+        batch_stats = (mean, var) if bn.uses_batch_stats else None
+        return z, self._normalization(bn, _count(z), batch_stats)
 
     def _post_act(self, x: Tensor, layers: list[tuple[Tensor, BatchNormParams, int]],
                   shortcut: Optional[Projection]) -> Tensor:
@@ -93,13 +100,13 @@ class FusedBlocks:
         if not any(bn.uses_batch_stats for bn in bns) and not _needs_grad(x, weights, bns):
             identity = x
             if shortcut is not None:
-                identity = self._conv(x, shortcut.weight, stride,
-                                      epilogue=normalization(shortcut.bn, _count(x), None))
+                folded_bn = self._normalization(shortcut.bn, _count(x), None)
+                identity = self._conv(x, shortcut.weight, stride, epilogue=folded_bn)
             h = x
             for index, (weight, bn, layer_stride) in enumerate(layers):
                 last = index == len(layers) - 1
                 h = self._conv(h, weight, layer_stride,
-                               epilogue=normalization(bn, _count(h), None),
+                               epilogue=self._normalization(bn, _count(h), None),
                                residual=identity if last else None, relu=True)
             return _in_input_format(h, x)
 
@@ -119,7 +126,7 @@ class FusedBlocks:
         """``conv_k(relu(bn_k(...conv_1(relu(bn_1(x)))...))) + shortcut``."""
         first = norms[0]
         batch_stats = self.kernels.channel_stats(x) if first.uses_batch_stats else None
-        scale_shift = normalization(first, _count(x), batch_stats)
+        scale_shift = self._normalization(first, _count(x), batch_stats)
         stride = max(s for _, s in convs)
         identity = x if shortcut is None else self._conv(x, shortcut.weight, stride, scale_shift)
         h = x

@@ -14,7 +14,8 @@ back to the input dtype, which is also what the fused kernels do (fp32 accumulat
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import functools
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -125,39 +126,51 @@ def synchronized_statistics(mean: Tensor, var: Tensor, count: int,
     return global_mean, squares / total_count, total_count
 
 
-def update_running_stats(bn: BatchNormParams, mean: Tensor, var: Tensor, count: int) -> None:
-    """In-place update of running mean, unbiased running variance and ``num_batches_tracked``."""
+def blend_running_stats(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
+                        factor: float, count: int) -> None:
+    """``running = (1 - factor) * running + factor * batch`` in place, with the unbiased
+    variance ``var * count / (count - 1)``; the reference of the op
+    ``fused_resnet::bn_update_running_stats``."""
     with torch.no_grad():
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked.item())
-        else:
-            factor = bn.momentum
         unbiased_var = var.detach() * (count / (count - 1))
-        bn.running_mean.copy_(bn.running_mean * (1 - factor) + mean.detach() * factor)
-        bn.running_var.copy_(bn.running_var * (1 - factor) + unbiased_var * factor)
+        running_mean.copy_(running_mean * (1 - factor) + mean.detach() * factor)
+        running_var.copy_(running_var * (1 - factor) + unbiased_var * factor)
 
 
-def bn_scale_shift(mean: Tensor, var: Tensor, bn: BatchNormParams) -> tuple[Tensor, Tensor]:
-    """Fold normalization and the affine transform into one per-channel scale and shift."""
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(scale.dtype)
+def scale_shift_from_statistics(mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                                bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """Normalization and the affine transform folded into one per-channel scale and shift:
+    ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``; the reference of
+    the op ``fused_resnet::bn_scale_shift``."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
     shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(shift.dtype)
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
     return scale, shift
 
 
+class Finalize(NamedTuple):
+    """How a backend turns batch statistics into a BN's scale/shift and running statistics:
+    the two functions above, or ops with their signatures."""
+
+    scale_shift: Callable = scale_shift_from_statistics
+    blend_running_stats: Callable = blend_running_stats
+
+
 def normalization(bn: BatchNormParams, count: int,
-                  batch_stats: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+                  batch_stats: Optional[tuple[Tensor, Tensor]],
+                  finalize: Finalize = Finalize()) -> tuple[Tensor, Tensor]:
     """Per-channel (scale, shift) that apply ``bn`` to a tensor of ``count`` values per
-    channel, updating the running statistics when ``bn`` is training.
+    channel, updating the running statistics (mean, unbiased variance with ``momentum`` or
+    the cumulative average, ``num_batches_tracked``) when ``bn`` is training.
 
     ``batch_stats`` (mean, biased variance) is required when ``bn.uses_batch_stats``;
     every backend computes them its own way and shares this step.
     """
+    scale_shift = functools.partial(finalize.scale_shift, weight=bn.weight, bias=bn.bias,
+                                    eps=bn.eps)
     if bn.uses_batch_stats:
         mean, var = batch_stats
         if bn.process_group is not None:
@@ -165,20 +178,23 @@ def normalization(bn: BatchNormParams, count: int,
         if bn.training and count == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got {count} value per channel")
+        if bn.training and bn.num_batches_tracked is not None:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
         if count == 0:
             # nn.BatchNorm2d on an empty batch: an empty output, the running statistics
             # left alone, num_batches_tracked still counted; the scale and shift only need
             # to exist (and depend on the affine parameters, whose gradient is then zero).
-            if bn.training and bn.num_batches_tracked is not None:
-                with torch.no_grad():
-                    bn.num_batches_tracked.add_(1)
-            return bn_scale_shift(torch.zeros_like(mean), torch.ones_like(var), bn)
+            return scale_shift(torch.zeros_like(mean), torch.ones_like(var))
         if bn.training and bn.running_mean is not None:
-            update_running_stats(bn, mean, var, count)
+            factor = (1.0 / float(bn.num_batches_tracked.item()) if bn.momentum is None
+                      else bn.momentum)
+            finalize.blend_running_stats(mean, var, bn.running_mean, bn.running_var, factor,
+                                         count)
     else:
         acc = _accumulation_dtype(bn.running_mean.dtype)
         mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
-    return bn_scale_shift(mean, var, bn)
+    return scale_shift(mean, var)
 
 
 def batch_norm(x: Tensor, bn: BatchNormParams, relu: bool = False,

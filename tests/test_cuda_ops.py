@@ -17,7 +17,7 @@ import torch
 
 import fused_resnet
 from blockcases import build_plain, case_id, compare_with_reference, run_steps
-from fused_resnet import backends, cuda_ops, extension, op_reference
+from fused_resnet import backends, cuda_ops, extension, op_reference, reference
 from fused_resnet.fused_blocks import FusedBlocks
 from fused_resnet.testing import errors_beyond_eager
 
@@ -94,6 +94,36 @@ def test_backward_and_statistics_ops_pass_opcheck_on_their_cpu_kernels(op, argum
     a = _conv_arguments("prologue", torch.float64, "cpu")
     grad = torch.randn(3, 16, 4, 3, dtype=torch.float64)
     torch.library.opcheck(getattr(torch.ops.fused_resnet, op).default, arguments(a, grad))
+
+
+def _finalize_arguments(device, dtype=torch.float64, channels=16):
+    mean = torch.randn(channels, dtype=dtype, device=device)
+    var = torch.rand(channels, dtype=dtype, device=device) + 0.1
+    weight = torch.rand(channels, dtype=dtype, device=device) + 0.5
+    bias = torch.randn(channels, dtype=dtype, device=device)
+    return mean, var, weight, bias
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_scale_shift_passes_opcheck_and_gradcheck_on_its_cpu_kernel(affine):
+    mean, var, weight, bias = [t.requires_grad_() for t in _finalize_arguments("cpu")]
+    args = (mean, var, weight if affine else None, bias if affine else None, 1e-5)
+    torch.library.opcheck(torch.ops.fused_resnet.bn_scale_shift.default, args)
+    tensors = [t for t in args[:4] if t is not None]
+    assert torch.autograd.gradcheck(
+        lambda *t: torch.ops.fused_resnet.bn_scale_shift(*t, *[None] * (4 - len(t)), 1e-5),
+        tensors)
+
+
+def test_bn_update_running_stats_passes_opcheck_and_blends_as_batch_norm():
+    mean, var, running_mean, running_var = _finalize_arguments("cpu")
+    torch.library.opcheck(torch.ops.fused_resnet.bn_update_running_stats.default,
+                          (mean, var, running_mean.clone(), running_var.clone(), 0.1, 12))
+    expected_mean = 0.9 * running_mean + 0.1 * mean
+    expected_var = 0.9 * running_var + 0.1 * var * 12 / 11
+    torch.ops.fused_resnet.bn_update_running_stats(mean, var, running_mean, running_var, 0.1, 12)
+    torch.testing.assert_close(running_mean, expected_mean)
+    torch.testing.assert_close(running_var, expected_var)
 
 
 @pytest.fixture
@@ -217,9 +247,23 @@ def test_cuda_conv_forward_and_backward_within_eager_error(fusion, dtype, shape,
 def test_cuda_channel_stats_stay_exact_when_the_mean_dwarfs_the_spread(dtype):
     x = (1000 + torch.randn(4, 16, 9, 9, device="cuda")).to(dtype)
     mean, var = cuda_ops.cuda_channel_stats(x)
-    expected_mean, expected_var = op_reference.reference.batch_statistics(x.double())
+    expected_mean, expected_var = reference.batch_statistics(x.double())
     torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_bn_finalize_matches_reference(running_dtype):
+    mean, var, weight, bias = _finalize_arguments("cuda", torch.float32, channels=200)
+    scale, shift = torch.ops.fused_resnet.bn_scale_shift(mean, var, weight, bias, 1e-5)
+    expected = reference.scale_shift_from_statistics(mean, var, weight, bias, 1e-5)
+    torch.testing.assert_close((scale, shift), expected)
+    running = [torch.randn(200, device="cuda").to(running_dtype) for _ in range(2)]
+    expected = [t.clone() for t in running]
+    torch.ops.fused_resnet.bn_update_running_stats(mean, var, *running, 0.1, 7)
+    reference.blend_running_stats(mean, var, *expected, 0.1, 7)
+    torch.testing.assert_close(running, expected)
 
 
 @pytest.mark.gpu

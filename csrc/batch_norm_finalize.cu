@@ -1,0 +1,135 @@
+// BatchNorm finalize on CUDA: from a layer's batch statistics to the per-channel scale and
+// shift that the next kernel's prologue or epilogue applies, and the running-statistics
+// update. One thread per channel each; what they replace is about ten tiny aten launches
+// per BatchNorm layer and step.
+//
+//   bn_scale_shift(mean, var, weight?, bias?, eps) -> (scale, shift)   fp32
+//       scale = weight / sqrt(var + eps), shift = bias - mean * scale
+//   bn_update_running_stats(mean, var, running_mean!, running_var!, factor, count)
+//       running = (1 - factor) * running + factor * batch, variance unbiased
+//       (var * count / (count - 1)); running statistics in their own dtype, math in fp32.
+//
+// References: scale_shift_from_statistics and blend_running_stats in
+// fused_resnet/reference.py.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/ScalarType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace fused_resnet {
+namespace {
+
+constexpr int kThreads = 128;
+
+__global__ void bn_scale_shift_kernel(const float* __restrict__ mean,
+                                      const float* __restrict__ var,
+                                      const float* __restrict__ weight,
+                                      const float* __restrict__ bias, float eps, int channels,
+                                      float* __restrict__ scale, float* __restrict__ shift) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  const float s = rsqrtf(var[c] + eps) * (weight != nullptr ? weight[c] : 1.f);
+  scale[c] = s;
+  shift[c] = (bias != nullptr ? bias[c] : 0.f) - mean[c] * s;
+}
+
+template <typename running_t>
+__global__ void bn_update_running_stats_kernel(const float* __restrict__ mean,
+                                               const float* __restrict__ var,
+                                               running_t* __restrict__ running_mean,
+                                               running_t* __restrict__ running_var,
+                                               double factor, double unbias, int channels) {
+  using acc_t = at::opmath_type<running_t>;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  const acc_t keep = acc_t(1) - acc_t(factor);
+  running_mean[c] = static_cast<running_t>(static_cast<acc_t>(running_mean[c]) * keep +
+                                           acc_t(mean[c]) * acc_t(factor));
+  running_var[c] = static_cast<running_t>(static_cast<acc_t>(running_var[c]) * keep +
+                                          acc_t(var[c]) * acc_t(unbias) * acc_t(factor));
+}
+
+void check_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& mean) {
+  TORCH_CHECK(v.dim() == 1 && v.numel() == mean.numel() && v.device() == mean.device(), op,
+              ": ", name, " must be a vector of ", mean.numel(), " elements on ",
+              mean.device(), ", got shape ", v.sizes(), " on ", v.device());
+}
+
+// A statistics or parameter vector as the kernels read it: dense fp32.
+at::Tensor as_float(const at::Tensor& v) { return v.to(at::kFloat).contiguous(); }
+
+int blocks_for(int64_t channels) {
+  return static_cast<int>((channels + kThreads - 1) / kThreads);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> bn_scale_shift_cuda(const at::Tensor& mean,
+                                                       const at::Tensor& var,
+                                                       const c10::optional<at::Tensor>& weight,
+                                                       const c10::optional<at::Tensor>& bias,
+                                                       double eps) {
+  constexpr const char* op = "bn_scale_shift";
+  TORCH_CHECK(mean.dim() == 1 && mean.is_cuda(), op, ": mean must be a CUDA vector, got ",
+              mean.sizes(), " on ", mean.device());
+  check_vector(op, "var", var, mean);
+  if (weight.has_value()) check_vector(op, "weight", *weight, mean);
+  if (bias.has_value()) check_vector(op, "bias", *bias, mean);
+  const c10::cuda::CUDAGuard device_guard(mean.device());
+  const at::Tensor mean_f = as_float(mean), var_f = as_float(var);
+  const at::Tensor weight_f = weight.has_value() ? as_float(*weight) : at::Tensor();
+  const at::Tensor bias_f = bias.has_value() ? as_float(*bias) : at::Tensor();
+  at::Tensor scale = at::empty_like(mean_f), shift = at::empty_like(mean_f);
+  if (mean.numel() == 0) return {scale, shift};
+  bn_scale_shift_kernel<<<blocks_for(mean.numel()), kThreads, 0,
+                          at::cuda::getCurrentCUDAStream()>>>(
+      mean_f.const_data_ptr<float>(), var_f.const_data_ptr<float>(),
+      weight_f.defined() ? weight_f.const_data_ptr<float>() : nullptr,
+      bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, static_cast<float>(eps),
+      static_cast<int>(mean.numel()), scale.mutable_data_ptr<float>(),
+      shift.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // In the statistics' dtype when that is wider than fp32, as the reference gives it.
+  const auto dtype = c10::promoteTypes(mean.scalar_type(), at::kFloat);
+  return {scale.to(dtype), shift.to(dtype)};
+}
+
+void bn_update_running_stats_cuda(const at::Tensor& mean, const at::Tensor& var,
+                                  const at::Tensor& running_mean, const at::Tensor& running_var,
+                                  double factor, int64_t count) {
+  constexpr const char* op = "bn_update_running_stats";
+  TORCH_CHECK(mean.dim() == 1 && mean.is_cuda(), op, ": mean must be a CUDA vector, got ",
+              mean.sizes(), " on ", mean.device());
+  check_vector(op, "var", var, mean);
+  check_vector(op, "running_mean", running_mean, mean);
+  check_vector(op, "running_var", running_var, mean);
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous() &&
+                  running_mean.scalar_type() == running_var.scalar_type(),
+              op, ": running_mean and running_var must be contiguous, of one dtype");
+  TORCH_CHECK(count > 1, op, ": count must be > 1 for the unbiased variance, got ", count);
+  const c10::cuda::CUDAGuard device_guard(mean.device());
+  if (mean.numel() == 0) return;
+  const at::Tensor mean_f = as_float(mean), var_f = as_float(var);
+  const double unbias = static_cast<double>(count) / (count - 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), op, [&] {
+    bn_update_running_stats_kernel<scalar_t><<<blocks_for(mean.numel()), kThreads, 0,
+                                               at::cuda::getCurrentCUDAStream()>>>(
+        mean_f.const_data_ptr<float>(), var_f.const_data_ptr<float>(),
+        running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>(),
+        factor, unbias, static_cast<int>(mean.numel()));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace fused_resnet
+
+TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
+  m.impl("bn_scale_shift", &fused_resnet::bn_scale_shift_cuda);
+  m.impl("bn_update_running_stats", &fused_resnet::bn_update_running_stats_cuda);
+}
