@@ -207,8 +207,11 @@ at::Tensor cuda_conv_wgrad(const at::Tensor& grad_in, const at::Tensor& x_in,
   const auto [scale_vec, shift_vec] = prologue_vectors(op, x_in, in_scale, in_shift);
   const at::Tensor grad = nhwc(grad_in);
   const at::Tensor x = nhwc(x_in);
-  at::Tensor grad_weight = at::empty(
-      weight.sizes(), x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  const auto options =
+      x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast);
+  // An empty batch contributes nothing: the kernel, which writes every element, never runs.
+  at::Tensor grad_weight =
+      grad.numel() > 0 ? at::empty(weight.sizes(), options) : at::zeros(weight.sizes(), options);
   if (grad.numel() > 0) {
     WgradLaunch launch{p, grad.const_data_ptr(), x.const_data_ptr(),
                        grad_weight.mutable_data_ptr<float>()};

@@ -229,8 +229,9 @@ def _op_results(arguments, run):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [dict(batch=1, h=9, w=7, stride=1),
                                    dict(batch=3, h=7, w=5, stride=2),
-                                   dict(batch=2, h=14, w=14, stride=2, c_in=64, c_out=128)],
-                         ids=["b1-9x7-s1", "b3-7x5-s2", "b2-14x14-s2-64to128"])
+                                   dict(batch=2, h=14, w=14, stride=2, c_in=64, c_out=128),
+                                   dict(batch=0, h=5, w=5, stride=1)],
+                         ids=["b1-9x7-s1", "b3-7x5-s2", "b2-14x14-s2-64to128", "b0"])
 def test_cuda_conv_forward_and_backward_within_eager_error(fusion, dtype, shape,
                                                            poisoned_cuda_memory):
     arguments = _conv_arguments(fusion, torch.float64, "cuda", **shape)
