@@ -92,19 +92,19 @@ void launch_operator(const typename Operator::Arguments& arguments, cudaStream_t
 // 0x7eff (about 1.7e38), the one input value this treats as padding.
 namespace cutlass::conv::warp {
 
-// Applies `transform(pair, scale, bias)` (a functor, so that it inlines) to each pair of bf16 activations, with the pair's
-// (scale, bias) words at `2 * vector_of(i)` and `2 * vector_of(i) + 1` of the scale_bias
-// fragment.
-template <int kPairs, typename Activations, typename ScaleBias, typename Transform,
+// Applies `Transform::transform(pair, scale, bias)` to each pair of bf16 activations, with
+// the pair's (scale, bias) words at `2 * vector_of(i)` and `2 * vector_of(i) + 1` of the
+// scale_bias fragment.
+template <typename Transform, int kPairs, typename Activations, typename ScaleBias,
           typename VectorOf>
 CUTLASS_DEVICE void transform_bf16_pairs(Activations& activations, ScaleBias const& scale_bias,
-                                         Transform transform, VectorOf vector_of) {
+                                         VectorOf vector_of) {
   uint32_t* pairs = reinterpret_cast<uint32_t*>(&activations);
   uint32_t const* words = reinterpret_cast<uint32_t const*>(&scale_bias);
   CUTLASS_PRAGMA_UNROLL
   for (int i = 0; i < kPairs; ++i) {
     int const vector = vector_of(i);
-    transform(pairs[i], words[2 * vector], words[2 * vector + 1]);
+    Transform::transform(pairs[i], words[2 * vector], words[2 * vector + 1]);
   }
 }
 
@@ -131,17 +131,11 @@ struct FpropScaleBiasReluTransform<Array<bfloat16_t, kActivations>, FragmentScal
 #endif
   }
 
-  struct Apply {
-    CUTLASS_DEVICE void operator()(uint32_t& pair, uint32_t scale, uint32_t bias) const {
-      transform(pair, scale, bias);
-    }
-  };
-
   CUTLASS_DEVICE
   void operator()(Array<bfloat16_t, kActivations>& activations,
                   FragmentScaleBias const& scale_bias) {
-    transform_bf16_pairs<kPairs>(activations, scale_bias, Apply(),
-                                 [](int i) { return (i / 2) % kMmaColumns; });
+    transform_bf16_pairs<FpropScaleBiasReluTransform, kPairs>(
+        activations, scale_bias, [](int i) { return (i / 2) % kMmaColumns; });
   }
 };
 
@@ -167,17 +161,11 @@ struct WgradScaleBiasReluTransform<Array<bfloat16_t, kActivations>, FragmentScal
 #endif
   }
 
-  struct Apply {
-    CUTLASS_DEVICE void operator()(uint32_t& pair, uint32_t scale, uint32_t bias) const {
-      transform(pair, scale, bias);
-    }
-  };
-
   CUTLASS_DEVICE
   void operator()(Array<bfloat16_t, kActivations>& activations,
                   FragmentScaleBias const& scale_bias) {
-    transform_bf16_pairs<kPairs>(activations, scale_bias, Apply(),
-                                 [](int i) { return i / kMmaRows; });
+    transform_bf16_pairs<WgradScaleBiasReluTransform, kPairs>(
+        activations, scale_bias, [](int i) { return i / kMmaRows; });
   }
 };
 

@@ -1,8 +1,8 @@
 // Op schemas of the fused_resnet namespace and the Python module fused_resnet._C.
 //
 // The CUDA kernels register in their own files; the CPU kernels of the cuda_* ops, of
-// affine_relu_backward and of the bn_* ops are their plain-PyTorch references, registered from Python
-// (fused_resnet/cuda_ops.py) so the ops can be checked without a GPU.
+// affine_relu_backward and of the bn_* ops are their plain-PyTorch references, registered
+// from Python (fused_resnet/cuda_ops.py) so the ops can be checked without a GPU.
 //
 // Importing fused_resnet._C runs the static TORCH_LIBRARY registrations below; the module
 // itself exports nothing, everything is reached through torch.ops.fused_resnet.
