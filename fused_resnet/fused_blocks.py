@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from fused_resnet.op_support import batch_norm_input
 from fused_resnet.reference import BatchNormParams, Finalize, Projection, normalization
 
 ScaleShift = tuple[Tensor, Tensor]
@@ -125,11 +126,20 @@ class FusedBlocks:
                  shortcut: Optional[Projection]) -> Tensor:
         """``conv_k(relu(bn_k(...conv_1(relu(bn_1(x)))...))) + shortcut``."""
         first = norms[0]
-        batch_stats = self.kernels.channel_stats(x) if first.uses_batch_stats else None
+        # x_bn: x as the first BN's consumers (the convs applying it in their prologue)
+        # read it, so that its gradient through the BN is one node (batch_norm_input); the
+        # identity shortcut adds x itself.
+        x_bn, batch_stats = x, None
+        if first.uses_batch_stats and first.process_group is None:
+            x_bn, mean, var = batch_norm_input(x, self.kernels.channel_stats, first.eps)
+            batch_stats = (mean, var)
+        elif first.uses_batch_stats:
+            batch_stats = self.kernels.channel_stats(x)
         scale_shift = self._normalization(first, _count(x), batch_stats)
         stride = max(s for _, s in convs)
-        identity = x if shortcut is None else self._conv(x, shortcut.weight, stride, scale_shift)
-        h = x
+        identity = (x if shortcut is None
+                    else self._conv(x_bn, shortcut.weight, stride, scale_shift))
+        h = x_bn
         for (weight, conv_stride), next_norm in zip(convs[:-1], norms[1:]):
             h, scale_shift = self._conv_feeding_bn(h, weight, next_norm, conv_stride,
                                                    scale_shift)

@@ -136,3 +136,53 @@ def _stats_backward(ctx, grad_mean, grad_var):
 def register_channel_stats_autograd(channel_stats: object) -> None:
     torch.library.register_autograd(channel_stats, _stats_backward,
                                     setup_context=_stats_setup_context)
+
+
+class _BatchNormInput(torch.autograd.Function):
+    """``x`` (as a view) and its per-channel batch statistics, for a BatchNorm that only the
+    convs reading that view apply (in their prologues); x's gradient through the BN is
+    computed here the way batch_norm's backward computes it.
+
+    Those convs' dgrad ops return ``D = dL/da * relu_mask * scale`` rounded to x's dtype
+    and sum the unrounded values into the scale/shift gradients, from which autograd gets
+    the statistics' gradients. Adding the statistics term derived from those sums to the
+    rounded D leaves the rounding error of D in the input gradient with a nonzero mean and
+    correlation with x per channel, which batch_norm's backward projects out (it derives
+    both terms from the one stored gradient); sums of the input gradient upstream (the
+    previous BN's weight gradient) then reached 1.3x eager's fp16 error at the median
+    and over 2x at worst. Here both terms come from the summed D in fp32, rounded once:
+
+        dL/dx = D - mean(D) - (x - mean) * mean(D * (x - mean)) / (var + eps)
+
+    per channel, which is the BN backward itself given that (mean, var) reach the loss
+    only through this BN's scale and shift. The gradients autograd delivers for
+    ``mean`` and ``var`` are therefore not used: callers must not use them otherwise
+    (a SyncBatchNorm's all-reduced statistics carry other processes' gradients, so
+    synchronized BNs keep the statistics op's own autograd).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, channel_stats: Callable, eps: float):
+        mean, var = channel_stats(x)
+        ctx.eps = eps
+        ctx.save_for_backward(x, mean, var)
+        return x.view_as(x), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_mean, grad_var):
+        x, mean, var = ctx.saved_tensors
+        acc = statistics_dtype(x)
+        grad = grad_x.to(acc)
+        centered = x.to(acc) - _per_channel(mean)
+        dims = (0, 2, 3)
+        grad = (grad - grad.mean(dims, keepdim=True)
+                - centered * (grad * centered).mean(dims, keepdim=True)
+                / _per_channel(var + ctx.eps))
+        return grad.to(x.dtype), None, None
+
+
+def batch_norm_input(x: Tensor, channel_stats: Callable,
+                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x view, mean, biased var)`` for a BN applied by the convs that read the view (see
+    ``_BatchNormInput``; not for synchronized BNs)."""
+    return _BatchNormInput.apply(x, channel_stats, eps)

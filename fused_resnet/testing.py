@@ -47,6 +47,25 @@ def rms(t: torch.Tensor) -> float:
     return float(t.double().square().mean().sqrt()) if t.numel() else 0.0
 
 
+def _errors_beyond_eager_by_name(fused: dict[str, torch.Tensor],
+                                  eager: dict[str, torch.Tensor],
+                                  truth: dict[str, torch.Tensor],
+                                  factor: float) -> dict[str, str]:
+    failures = {}
+    for name, reference in truth.items():
+        if not reference.is_floating_point():
+            if not torch.equal(fused[name], reference):
+                failures[name] = f"{name}: {fused[name].tolist()} != {reference.tolist()}"
+            continue
+        floor = 4 * torch.finfo(eager[name].dtype).eps * max(1.0, rms(reference))
+        fused_error = rms(fused[name].double() - reference)
+        eager_error = rms(eager[name].double() - reference)
+        if fused_error > factor * eager_error + floor:
+            failures[name] = (f"{name}: fused RMS error {fused_error:.3e} > {factor} x eager's "
+                              f"{eager_error:.3e} + {floor:.1e}")
+    return failures
+
+
 def errors_beyond_eager(fused: dict[str, torch.Tensor], eager: dict[str, torch.Tensor],
                         truth: dict[str, torch.Tensor],
                         factor: float = ERROR_FACTOR) -> list[str]:
@@ -56,16 +75,27 @@ def errors_beyond_eager(fused: dict[str, torch.Tensor], eager: dict[str, torch.T
     equal. The floor of a few ulps of the tensor's RMS covers tensors that eager happens
     to get exactly right.
     """
-    failures = []
-    for name, reference in truth.items():
-        if not reference.is_floating_point():
-            if not torch.equal(fused[name], reference):
-                failures.append(f"{name}: {fused[name].tolist()} != {reference.tolist()}")
-            continue
-        floor = 4 * torch.finfo(eager[name].dtype).eps * max(1.0, rms(reference))
-        fused_error = rms(fused[name].double() - reference)
-        eager_error = rms(eager[name].double() - reference)
-        if fused_error > factor * eager_error + floor:
-            failures.append(f"{name}: fused RMS error {fused_error:.3e} > {factor} x eager's "
-                            f"{eager_error:.3e} + {floor:.1e}")
-    return failures
+    return list(_errors_beyond_eager_by_name(fused, eager, truth, factor).values())
+
+
+def errors_beyond_eager_in_most_draws(draws: list[tuple[dict, dict, dict]],
+                                      factor: float = ERROR_FACTOR) -> list[str]:
+    """``errors_beyond_eager`` over several independent draws (each a (fused, eager,
+    truth) triple): the tensors beyond the bound in more than half of them.
+
+    For low-precision gradients one draw is not enough. A ReLU whose fp64 input is within
+    rounding of zero goes the other way in one implementation and not in the other: a
+    discrete event that moves a gradient sum by a whole gradient element, rare and
+    independent between draws (fp16 bottleneck, 64 channels: 53x eager's error in 1 draw
+    of 8, from one flipped ReLU whose fp64 output was 0 and fp16 output 1.5e-5). And the
+    RMS error of a per-channel tensor with few channels is a noisy estimate, so the
+    ratio of two has a wide spread (5 channels: the ratio's median is near 1, its maximum
+    over 20 draws 2.6). A systematic loss of precision shows in every draw.
+    """
+    beyond = [_errors_beyond_eager_by_name(*draw, factor) for draw in draws]
+    failing = []
+    for name in sorted({name for failures in beyond for name in failures}):
+        messages = [failures[name] for failures in beyond if name in failures]
+        if 2 * len(messages) > len(draws):
+            failing.extend(messages)
+    return failing

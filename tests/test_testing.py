@@ -1,0 +1,34 @@
+"""The comparison helpers every precision test relies on (fused_resnet.testing)."""
+
+import torch
+
+from fused_resnet.testing import errors_beyond_eager, errors_beyond_eager_in_most_draws
+
+
+def _draw(fused_error: float, eager_error: float = 1e-3) -> tuple[dict, dict, dict]:
+    truth = {"grad": torch.ones(16, dtype=torch.float64),
+             "steps": torch.tensor(3)}
+    eager = {"grad": (truth["grad"] + eager_error).float(), "steps": torch.tensor(3)}
+    fused = {"grad": (truth["grad"] + fused_error).float(), "steps": torch.tensor(3)}
+    return fused, eager, truth
+
+
+def test_errors_beyond_eager_names_the_tensor_and_its_figures():
+    assert errors_beyond_eager(*_draw(1.9e-3)) == []
+    [failure] = errors_beyond_eager(*_draw(2.5e-3))
+    assert failure.startswith("grad: fused RMS error 2.500e-03 > 2.0 x eager's 1.000e-03")
+
+
+def test_integer_tensors_must_be_equal():
+    fused, eager, truth = _draw(0.0)
+    fused["steps"] = torch.tensor(4)
+    assert errors_beyond_eager(fused, eager, truth) == ["steps: 4 != 3"]
+
+
+def test_most_draws_fails_a_tensor_beyond_in_a_majority_only():
+    good, bad = _draw(1e-3), _draw(1e-2)
+    assert errors_beyond_eager_in_most_draws([good, bad, good]) == []
+    failures = errors_beyond_eager_in_most_draws([bad, good, bad])
+    assert len(failures) == 2 and all(f.startswith("grad: ") for f in failures)
+    assert errors_beyond_eager_in_most_draws([good, bad]) == []
+    assert len(errors_beyond_eager_in_most_draws([bad, bad])) == 2
