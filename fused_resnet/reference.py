@@ -105,6 +105,26 @@ def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+class _SumOverGroup(torch.autograd.Function):
+    """The sum of ``t`` over the processes of ``group``, differentiable: the gradient of
+    each process's ``t`` is the sum of every process's output gradient. (What
+    ``torch.distributed.nn.functional.all_reduce`` does; torch 2.14 deprecates it with a
+    warning on every call.)"""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group: object) -> Tensor:
+        ctx.group = group
+        total = t.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
 def synchronized_statistics(mean: Tensor, var: Tensor, count: int,
                             group: object) -> tuple[Tensor, Tensor, int]:
     """Merge per-process batch statistics over ``group``: the mean, biased variance and
@@ -115,14 +135,13 @@ def synchronized_statistics(mean: Tensor, var: Tensor, count: int,
     mean; then each process's squared deviations, measured from that mean (robust when
     |mean| >> std), give the global variance.
     """
-    from torch.distributed.nn.functional import all_reduce
     if count == 0:  # an empty local batch contributes nothing (its own mean is NaN)
         mean, var = torch.zeros_like(mean), torch.zeros_like(var)
-    totals = all_reduce(torch.cat([mean.new_full((1,), float(count)), mean * count]),
-                        group=group)
+    local = torch.cat([mean.new_full((1,), float(count)), mean * count])
+    totals = _SumOverGroup.apply(local, group)
     total_count = int(totals[0].item())
     global_mean = totals[1:] / total_count
-    squares = all_reduce(count * (var + (mean - global_mean).square()), group=group)
+    squares = _SumOverGroup.apply(count * (var + (mean - global_mean).square()), group)
     return global_mean, squares / total_count, total_count
 
 

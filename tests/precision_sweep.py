@@ -7,7 +7,8 @@ fp16 autocast and on the backend, and records each tensor's RMS error ratio
 how many draws had any tensor beyond ``ERROR_FACTOR``. The tests judge three draws; this
 shows the spread behind that choice and measures precision changes.
 
-    TRITON_INTERPRET=1 python tests/precision_sweep.py --case "('preact_bottleneck', 32, 32, 2, True)" --draws 12
+    TRITON_INTERPRET=1 python tests/precision_sweep.py \
+        --case "('preact_bottleneck', 32, 32, 2, True)" --draws 12
 """
 
 from __future__ import annotations
