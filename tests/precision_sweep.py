@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import statistics
 
 import torch
 
-from blockcases import build_plain, run_steps
 from fused_resnet.testing import ERROR_FACTOR, errors_beyond_eager, rms
-from test_semantics import fused_copy, stem_then
+from test_semantics import autocast_draw
 
 
 def main() -> None:
@@ -39,13 +37,8 @@ def main() -> None:
     ratios: dict[str, list[float]] = {}
     draws_beyond = 0
     for seed in range(args.draws):
-        torch.manual_seed(seed)
-        model = stem_then(build_plain(case)).to(args.device)
-        x = torch.randn(3, 3, *args.size, device=args.device)
-        fused = fused_copy(model, args.backend, x)
-        truth = run_steps(copy.deepcopy(model).double(), [(x.double(), "train")])
-        eager = run_steps(model, [(x, "train")], torch.float16)
-        result = run_steps(fused, [(x, "train")], torch.float16)
+        _, (result, eager, truth) = autocast_draw(case, args.backend, args.device, seed,
+                                                  args.size)
         draws_beyond += bool(errors_beyond_eager(result, eager, truth))
         for name, reference in truth.items():
             if reference.is_floating_point():

@@ -54,22 +54,27 @@ def stem_then(block: nn.Module) -> nn.Sequential:
                          nn.ReLU(inplace=True), block)
 
 
+def autocast_draw(case, backend: str, device, seed: int, size=(6, 5)):
+    """One fp16 autocast training step of ``case`` behind a stem, model and input drawn
+    with ``seed``: the fused model and the (fused, eager, fp64) results of the step.
+    fp16 runs under the Triton interpreter as on GPUs (bf16 tl.dot does not, DESIGN.md)."""
+    torch.manual_seed(seed)
+    model = stem_then(build_plain(case)).to(device)
+    x = torch.randn(3, 3, *size, device=device)
+    fused = fused_copy(model, backend, x)
+    truth = train_step(copy.deepcopy(model).double(), x.double())
+    eager = train_step(model, x, torch.float16)
+    return fused, (train_step(fused, x, torch.float16), eager, truth)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", KIND_CASES, ids=case_id)
 def test_autocast_with_fp32_parameters_is_within_eager_error(case, backend, device):
     # Three draws (model and input), judged by the majority: see
     # errors_beyond_eager_in_most_draws for why one fp16 draw cannot decide.
-    # fp16 runs under the Triton interpreter as on GPUs (bf16 tl.dot does not, DESIGN.md).
-    dtype = torch.float16
     draws = []
     for seed in range(3):
-        torch.manual_seed(seed)
-        model = stem_then(build_plain(case)).to(device)
-        x = torch.randn(3, 3, 6, 5, device=device)
-        fused = fused_copy(model, backend, x)
-        truth = train_step(copy.deepcopy(model).double(), x.double())
-        eager = train_step(model, x, dtype)
-        result = train_step(fused, x, dtype)
+        fused, (result, eager, truth) = autocast_draw(case, backend, device, seed)
         assert result["0 output"].dtype == eager["0 output"].dtype
         assert all(p.dtype == torch.float32 for p in fused.parameters())
         draws.append((result, eager, truth))
