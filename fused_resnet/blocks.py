@@ -18,6 +18,15 @@ from torch import nn
 from fused_resnet import backends, plain, structure
 
 
+@torch.compiler.assume_constant_result
+def _has_autocast(device_type: str) -> bool:
+    """Whether ``device_type`` has autocast at all (``torch.is_autocast_enabled`` raises for
+    those without, e.g. the benchmark's meta tensors). A constant for ``torch.compile``:
+    Dynamo in torch 2.11 cannot trace ``torch.amp.is_autocast_available`` (graph break
+    gb0007)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 class FusedBlockMixin:
     """``forward`` and backend handling shared by the four fused blocks."""
 
@@ -42,8 +51,7 @@ class FusedBlockMixin:
                              f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         arguments = structure.block_arguments(self, self.spec)
         device_type = x.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
-                device_type):
+        if _has_autocast(device_type) and torch.is_autocast_enabled(device_type):
             return self._autocast_forward(x, arguments)
         return self._run(x, arguments)
 

@@ -3,9 +3,9 @@ autograd, in the ``fused_resnet`` namespace, so ``torch.compile`` traces them wi
 graph breaks and ``torch.library.opcheck`` applies.
 
 On GPUs the ops are ``triton_op``s, which ``torch.compile`` traces into (so Inductor sees
-the kernels). Under ``TRITON_INTERPRET=1`` they are opaque ``custom_op``s instead: there
-``wrap_triton`` hands back the interpreted kernel itself, which would run on the fake
-tensors of tracing. Either way each op has an explicit fake (shape-only) implementation.
+the kernels). Under ``TRITON_INTERPRET=1`` they are opaque ``custom_op``s instead, which
+launch the interpreted kernels directly (``kernels.tuning.launcher``): traced into, they
+would run on the fake tensors of tracing. Either way each op has an explicit fake (shape-only) implementation.
 
 Forward ops and what they fuse:
   triton_conv           y = epilogue(conv(prologue(x), W)) [+ batch statistics of y]

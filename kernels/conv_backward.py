@@ -4,7 +4,6 @@ with BN-ReLU recomputed in its prologue, so the activation is never stored."""
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import tuning
 from .conv_forward import dot_precision, relu_keeping_nan, split_pixel_index, tile_indices
@@ -138,7 +137,7 @@ def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None):
     tiles = triton.cdiv(m, _MIN_BLOCK_M) if prologue else 1
     sums = [torch.zeros(tiles, c_in, device=x.device, dtype=torch.float32) for _ in range(2)]
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))
-    wrap_triton(conv_dgrad_kernel)[grid](
+    tuning.launcher(conv_dgrad_kernel)[grid](
         grad, weight, x, in_scale if prologue else grad_x, in_shift if prologue else grad_x,
         grad_x, *sums, m, h, w, c_in, ho, wo, c_out, *x.stride(), *weight.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
@@ -162,7 +161,7 @@ def conv_wgrad(grad, x, weight_shape, stride, in_scale=None, in_shift=None):
     prologue = in_scale is not None
     grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]),
                          splits * kh * kw)
-    wrap_triton(conv_wgrad_kernel)[grid](
+    tuning.launcher(conv_wgrad_kernel)[grid](
         grad, x, in_scale if prologue else partial, in_shift if prologue else partial,
         partial, m, h, w, c_in, ho, wo, c_out, triton.cdiv(m, splits), *x.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,

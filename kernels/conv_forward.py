@@ -3,7 +3,6 @@
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .statistics import merge, partial_buffers, store_tile_statistics
 from . import tuning
@@ -123,7 +122,7 @@ def fused_conv_forward(x, weight, stride, in_scale=None, in_shift=None, out_scal
                                           c_out, x.device)
     dummy = y  # stands in for absent optional pointers; never read (constexpr flags)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
-    wrap_triton(fused_conv_forward_kernel)[grid](
+    tuning.launcher(fused_conv_forward_kernel)[grid](
         x, weight, y,
         dummy if in_scale is None else in_scale, dummy if in_shift is None else in_shift,
         dummy if out_scale is None else out_scale, dummy if out_shift is None else out_shift,

@@ -9,7 +9,6 @@ pre-activation block).
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import tuning
 from .conv_forward import relu_keeping_nan, tile_indices
@@ -113,7 +112,7 @@ def bn_add_relu(a, a_scale, a_shift, residual=None, r_scale=None, r_shift=None, 
     m, c, grid = _rows_and_grid(a)
     y = torch.empty_like(a, memory_format=torch.channels_last)
     affine = r_scale is not None
-    wrap_triton(bn_add_relu_kernel)[grid](
+    tuning.launcher(bn_add_relu_kernel)[grid](
         a, a_scale, a_shift, a if residual is None else residual,
         r_scale if affine else a_scale, r_shift if affine else a_shift, y, m, c,
         RESIDUAL=residual is not None, RESIDUAL_AFFINE=affine, RELU=relu)
@@ -130,7 +129,7 @@ def bn_add_relu_backward(grad, y, a, a_scale, residual=None, r_scale=None, relu=
     grad_r = None if residual is None else torch.empty_like(residual,
                                                             memory_format=torch.channels_last)
     affine = r_scale is not None
-    wrap_triton(bn_add_relu_backward_kernel)[grid](
+    tuning.launcher(bn_add_relu_backward_kernel)[grid](
         grad, y, a, a_scale, a if residual is None else residual,
         r_scale if affine else a_scale, grad_a, grad_a if grad_r is None else grad_r, *sums,
         m, c, RESIDUAL=residual is not None, RESIDUAL_AFFINE=affine, RELU=relu)
@@ -143,5 +142,5 @@ def channel_statistics(x):
     """Per-channel (mean, biased variance) of channels_last-contiguous ``x``, fp32."""
     m, c, grid = _rows_and_grid(x)
     partials = partial_buffers(triton.cdiv(m, _MIN_BLOCK_M), c, x.device)
-    wrap_triton(channel_statistics_kernel)[grid](x, *partials, m, c)
+    tuning.launcher(channel_statistics_kernel)[grid](x, *partials, m, c)
     return merge(*partials)

@@ -8,8 +8,18 @@ among the listed configurations once per distinct key and caches the choice.
 import os
 
 import triton
+from torch.library import wrap_triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launcher(kernel):
+    """``kernel`` as the ops launch it: through ``wrap_triton`` on GPUs, so that
+    ``torch.compile`` traces into the ``triton_op``s; the kernel itself under the
+    interpreter, where the ops are opaque ``custom_op``s and ``wrap_triton`` has nothing
+    to trace (and torch 2.11's cannot unwrap an autotuned interpreted kernel:
+    ``'function' object has no attribute 'fn'``; 2.14's can)."""
+    return kernel if INTERPRETED else wrap_triton(kernel)
 
 
 def gemm_configs(names: tuple[str, str, str]) -> list[triton.Config]:
