@@ -47,6 +47,23 @@ def rms(t: torch.Tensor) -> float:
     return float(t.double().square().mean().sqrt()) if t.numel() else 0.0
 
 
+def relative_differences_beyond(result: dict[str, torch.Tensor],
+                                truth: dict[str, torch.Tensor], tolerance: float) -> list[str]:
+    """The tensors of ``result`` whose RMS difference to ``truth`` exceeds ``tolerance``
+    times the RMS of ``truth``, with the figures; integer tensors must be equal."""
+    failures = []
+    for name, reference in truth.items():
+        if not reference.is_floating_point():
+            if not torch.equal(result[name], reference):
+                failures.append(f"{name}: {result[name].tolist()} != {reference.tolist()}")
+            continue
+        difference = rms(result[name].double() - reference)
+        if difference > tolerance * rms(reference):
+            failures.append(f"{name}: RMS difference {difference:.3e} > {tolerance:.0e} x "
+                            f"the tensor's RMS {rms(reference):.3e}")
+    return failures
+
+
 def _errors_beyond_eager_by_name(fused: dict[str, torch.Tensor],
                                   eager: dict[str, torch.Tensor],
                                   truth: dict[str, torch.Tensor],
