@@ -71,6 +71,10 @@ def _reference_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Opti
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Where the fused backends run: CUDA, the CPU under the Triton interpreter (triton only),
+# and the meta device, where every op runs its fake (shape-only) implementation: what the
+# benchmark's traffic counter (fused_resnet.bench.traffic) counts on.
+_FUSED_DEVICES = ("cpu", "cuda", "meta")
 
 
 def _triton_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optional[str]:
@@ -82,11 +86,11 @@ def _triton_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optiona
     if for_auto and x.device.type == "cpu":
         return ("the Triton interpreter runs CPU tensors for testing, far slower than the "
                 "reference; ask for backend='triton' explicitly to use it")
-    if x.device.type not in ("cpu", "cuda"):
+    if x.device.type not in _FUSED_DEVICES:
         return f"the input is on {x.device}, the triton backend runs CUDA tensors"
     if x.dtype not in _TRITON_DTYPES:
         return f"the input dtype is {x.dtype}; the triton kernels take float32, float16, bfloat16"
-    if x.dtype == torch.bfloat16 and _TRITON_INTERPRETED:
+    if x.dtype == torch.bfloat16 and _TRITON_INTERPRETED and x.device.type == "cpu":
         return "bfloat16 tl.dot gives wrong results under the Triton interpreter"
     mismatched = [w.dtype for w in conv_weights(arguments) if w.dtype != x.dtype]
     if mismatched:
@@ -118,7 +122,7 @@ def _cuda_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optional[
     if for_auto:
         return ("the cuda backend has not yet run its GPU test suite on real hardware "
                 "(issue #4); ask for backend='cuda' explicitly to use it")
-    if x.device.type != "cuda":
+    if x.device.type not in _FUSED_DEVICES[1:]:
         return f"the input is on {x.device}, the cuda backend needs CUDA tensors"
     return None
 

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fused_resnet.bench import report, timing, workloads
+from fused_resnet.bench import report, timing, traffic, workloads
 from fused_resnet.bench.workloads import CONTENDERS, MODELS, MODES, Workload
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -26,32 +26,52 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="fused-resnet-bench", description=sys.modules["fused_resnet.bench"].__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", choices=MODELS,
-                        default=["resnet50" if gpu else "resnet18"])
+    parser.add_argument("--traffic", action="store_true",
+                        help="count kernel launches, bytes moved, bytes saved for backward "
+                        "and peak bytes of one step on the meta device instead of timing "
+                        "it (exact on any machine; defaults as on a GPU)")
+    parser.add_argument("--model", nargs="+", choices=MODELS)
     parser.add_argument("--blocks", action="store_true",
                         help="time each distinct block shape of the model instead of the model")
     parser.add_argument("--block", nargs="+", metavar="NAME",
                         help="time only these blocks, by module name (e.g. layer2.0); "
                         "implies --blocks")
-    parser.add_argument("--mode", nargs="+", choices=MODES, default=["train"],
+    parser.add_argument("--mode", nargs="+", choices=MODES,
                         help="train: forward + backward (+ an SGD step for models); "
-                        "eval: inference forward")
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16" if gpu else "fp32")
+                        "eval: inference forward (default: train; with --traffic, both)")
+    parser.add_argument("--dtype", choices=DTYPES)
     parser.add_argument("--autocast", action="store_true",
                         help="keep fp32 parameters and input and run the forward under "
                         "torch.autocast in --dtype, instead of casting the model")
-    parser.add_argument("--batch-size", nargs="+", type=int, default=[256 if gpu else 2])
-    parser.add_argument("--image-size", type=int, default=224 if gpu else 32)
+    parser.add_argument("--batch-size", nargs="+", type=int)
+    parser.add_argument("--image-size", type=int)
     parser.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
     parser.add_argument("--warmup", type=int, default=10 if gpu else 1)
     parser.add_argument("--iterations", type=int, default=50 if gpu else 3)
-    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS,
-                        default=CONTENDERS if gpu else ["eager", "reference"])
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS)
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each contender's step from a CUDA graph")
     parser.add_argument("--json", help="write the environment and results to this file")
     parser.add_argument("--plot", help="draw the speed-ups into this PNG file")
     args = parser.parse_args(argv)
+    full_size = gpu or args.traffic  # counts are exact anywhere: the GPU workload
+    defaults = {"model": ["resnet50" if full_size else "resnet18"],
+                "mode": ["train", "eval"] if args.traffic else ["train"],
+                "dtype": "bf16" if full_size else "fp32",
+                "batch_size": [256 if full_size else 2],
+                "image_size": 224 if full_size else 32,
+                "contenders": (traffic.CONTENDERS if args.traffic else
+                               CONTENDERS if gpu else ["eager", "reference"])}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.traffic:
+        untimed = [c for c in args.contenders if c not in traffic.CONTENDERS]
+        if untimed:
+            parser.error(f"--traffic counts {', '.join(traffic.CONTENDERS)}; "
+                         f"{', '.join(untimed)} run generated code it does not see")
+        if args.cuda_graphs:
+            parser.error("--traffic counts ops; --cuda-graphs does not change them")
     for name in ("image_size", "iterations"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got "
@@ -86,14 +106,43 @@ def build_workloads(args, device: str) -> list[Workload]:
     return built
 
 
+def _result_header(name: str, workload: Workload) -> dict:
+    return {"workload": workload.name, "model": workload.model, "block": workload.block,
+            "description": workload.description, "occurrences": workload.occurrences,
+            "mode": workload.mode, "batch_size": workload.input.shape[0],
+            "contender": name}
+
+
+def count_traffic(name: str, workload: Workload) -> dict:
+    """One contender's counted traffic on one meta-device workload, or the error that
+    stopped it."""
+    result = _result_header(name, workload)
+    try:
+        module = workloads.contender_module(name, workload.module)
+        result.update(traffic.count_workload(module, workload))
+    except Exception as error:  # a contender that cannot run gets its reason, not a number
+        result["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    if workload.min_bytes is not None:
+        result["ideal_bytes"] = workload.min_bytes
+    return result
+
+
+def run_traffic(args) -> list[dict]:
+    results = [count_traffic(name, workload)
+               for workload in build_workloads(args, "meta") for name in args.contenders]
+    report.add_traffic_ratios(results)
+    print(f"Counted on the meta device (fused_resnet.bench.traffic): {args.dtype}, "
+          f"{'NCHW' if args.nchw else 'channels_last'}, {args.image_size}x{args.image_size} "
+          "images\n")
+    print(report.format_traffic_table(results))
+    return results
+
+
 def measure(name: str, workload: Workload, args, expected: torch.Tensor, device: str,
             limits: Optional[dict], progress: Optional[Callable[[], None]]) -> dict:
     """One contender on one workload: its output check against eager, then its timings,
     or the error that stopped it."""
-    result = {"workload": workload.name, "model": workload.model, "block": workload.block,
-              "description": workload.description, "occurrences": workload.occurrences,
-              "mode": workload.mode, "batch_size": workload.input.shape[0],
-              "contender": name}
+    result = _result_header(name, workload)
     autocast = _autocast_context(args, device)
     try:
         module = workloads.contender_module(name, workload.module)
@@ -156,6 +205,13 @@ def environment(device: str) -> dict:
     }
 
 
+def _write_json(args, device: str, limits: Optional[dict], results: list[dict]) -> None:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(device), "arguments": vars(args),
+                       "device_limits": limits, "results": results}, f, indent=2)
+
+
 def _progress_bar(total: int):
     try:
         from tqdm import tqdm
@@ -167,13 +223,16 @@ def _progress_bar(total: int):
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        print(CPU_NOTICE + "\n")
     try:
+        if args.traffic:
+            _write_json(args, "meta", None, run_traffic(args))
+            return 0
         to_run = build_workloads(args, device)
     except ValueError as error:  # an unknown --block name: the message lists the known ones
         print(f"fused-resnet-bench: error: {error}", file=sys.stderr)
         return 2
+    if device == "cpu":
+        print(CPU_NOTICE + "\n")
     limits = None
     if args.blocks:
         limits = {"matmul_flops_per_s": timing.matmul_flops_per_second(DTYPES[args.dtype],
@@ -203,10 +262,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{args.image_size}x{args.image_size} images, on {device}"
           + (", CUDA graphs" if args.cuda_graphs else "") + "\n")
     print(report.format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(device), "arguments": vars(args),
-                       "device_limits": limits, "results": results}, f, indent=2)
+    _write_json(args, device, limits, results)
     if args.plot:
         report.plot(results, args.plot)
     return 0

@@ -54,22 +54,55 @@ COLUMNS = [  # header, width, how to show a result
 ]
 
 
-def format_table(results: list[dict]) -> str:
+def format_table(results: list[dict], columns: list = COLUMNS) -> str:
     """One titled table per workload, mode and batch size."""
     lines = []
     for (workload, mode, batch), members in groups(results):
         title = f"{workload} {mode} batch {batch}"
         if members[0].get("description"):
             title += f": {members[0]['description']}"
-        header = f"{'contender':<22}" + "".join(h.rjust(w) for h, w, _ in COLUMNS)
+        header = f"{'contender':<22}" + "".join(h.rjust(w) for h, w, _ in columns)
         lines += ["", title, header, "-" * len(header)]
         for r in members:
             if "error" in r:
                 lines.append(f"{r['contender']:<22}  {r['error']}")
             else:
                 lines.append(f"{r['contender']:<22}"
-                             + "".join(show(r).rjust(w) for _, w, show in COLUMNS))
+                             + "".join(show(r).rjust(w) for _, w, show in columns))
     return "\n".join(lines[1:])
+
+
+# The counted quantities of a traffic result (fused_resnet.bench.traffic), as
+# (key, header, scale, format).
+TRAFFIC_COUNTS = [("launches", "launches", 1, ".0f"), ("bytes", "GB", 1e9, ".1f"),
+                  ("saved_bytes", "saved GB", 1e9, ".2f"), ("peak_bytes", "peak GB", 1e9, ".2f")]
+
+
+def add_traffic_ratios(results: list[dict]) -> None:
+    """Each count as a ratio to eager's within its group (``bytes_vs_eager``, ...)."""
+    for _, members in groups(results):
+        eager = next((r for r in members if r["contender"] == "eager" and "error" not in r),
+                     None)
+        for r in members:
+            for key, *_ in TRAFFIC_COUNTS:
+                if eager is not None and key in r and eager[key]:
+                    r[f"{key}_vs_eager"] = r[key] / eager[key]
+
+
+def _count_column(key: str, header: str, scale: float, spec: str):
+    def show(r: dict) -> str:
+        ratio = r.get(f"{key}_vs_eager")
+        return f"{r[key] / scale:{spec}}" + ("" if ratio is None else f" ({ratio:.2f}x)")
+    return header, 19, show
+
+
+TRAFFIC_COLUMNS = [_count_column(*count) for count in TRAFFIC_COUNTS] + [
+    ("ideal GB", 10, lambda r: _number(r.get("ideal_bytes", 0) / 1e9 or None, ".1f"))]
+
+
+def format_traffic_table(results: list[dict]) -> str:
+    """:func:`format_table` of counted traffic: each count and its ratio to eager's."""
+    return format_table(results, TRAFFIC_COLUMNS)
 
 
 def markdown_table(results: list[dict]) -> str:
