@@ -2,15 +2,15 @@
 # Everything a lent GPU machine does, in one device call: build the extension, run the GPU
 # tests, run the recorded benchmarks. Logs, JSON, markdown tables and charts go under $OUT
 # (the device tool brings them back); commit them to benchmarks/results/<date>-<device>/.
-#   device run:  bash benchmarks/gpu_run.sh [build] [tests] [models] [blocks] [suites]
-# With no part named it runs build, tests, models and blocks; a device call is limited to
+#   device run:  bash benchmarks/gpu_run.sh [build] [tests] [traffic] [models] [blocks] [suites]
+# With no part named it runs build, tests, traffic, models and blocks; a device call is limited to
 # 10 minutes, so a long session runs the parts in separate calls (build is kept between
 # calls on a warm machine).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/local}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-parts=${*:-build tests models blocks}
+parts=${*:-build tests traffic models blocks}
 wants() { [[ " $parts " == *" $1 "* ]]; }
 
 {
@@ -44,6 +44,12 @@ bench() {  # name, then fused-resnet-bench arguments
         2>&1 | tee "$OUT/$name.txt"
     python3 -m fused_resnet.bench.report "$OUT/$name.json" > "$OUT/$name.md"
 }
+
+# The counted launches and bytes (no GPU needed) of the commit whose speed is measured
+# next, so that the count and the hardware can be compared.
+if wants traffic; then
+    python3 -m fused_resnet.bench --traffic --json "$OUT/traffic.json" 2>&1 | tee "$OUT/traffic.txt"
+fi
 
 if wants models; then
     bench resnet50_bf16 --model resnet50 --mode train eval --dtype bf16 --batch-size 256
