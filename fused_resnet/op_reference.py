@@ -74,6 +74,17 @@ def affine_relu_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor],
             g.sum(_NON_CHANNEL_DIMS))
 
 
+def statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, slope: Tensor,
+                        offset: Tensor) -> Tensor:
+    """``grad + offset[c] + slope[c] * (y - mean[c])`` in fp32, channels_last in y's dtype:
+    the gradient of ``y`` through its per-channel batch statistics as well (offset =
+    dL/dmean / count, slope = 2 dL/dvar / count)."""
+    acc = _accumulation_dtype(y)
+    out = (grad.to(acc) + offset.to(acc).reshape(1, -1, 1, 1)
+           + slope.to(acc).reshape(1, -1, 1, 1) * (y.to(acc) - mean.to(acc).reshape(1, -1, 1, 1)))
+    return _channels_last(out.to(y.dtype))
+
+
 def conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
                in_scale: Optional[Tensor],
                in_shift: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,7 +15,7 @@ plain-PyTorch meaning of each is in :mod:`fused_resnet.reference` (``fused_conv`
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -64,6 +64,10 @@ def conv_wgrad_fake(grad, x, weight, stride, in_scale, in_shift):
     return torch.empty_like(weight)
 
 
+def statistics_backward_fake(grad, y, mean, slope, offset):
+    return torch.empty_like(y, memory_format=_CHANNELS_LAST)
+
+
 def channel_stats_fake(x):
     return (x.new_empty(x.shape[1], dtype=statistics_dtype(x)),
             x.new_empty(x.shape[1], dtype=statistics_dtype(x)))
@@ -71,16 +75,21 @@ def channel_stats_fake(x):
 
 # --- autograd ------------------------------------------------------------------------------
 
+def _statistics_gradient_terms(x: Tensor, mean: Tensor, grad_mean,
+                               grad_var) -> tuple[Tensor, Tensor]:
+    """(slope, offset) per channel, fp32: d(loss)/dx through (mean, biased var) of x per
+    channel is ``offset[c] + slope[c] * (x - mean[c])``."""
+    count = x.numel() // x.shape[1]
+    slope = torch.zeros_like(mean) if grad_var is None else grad_var * 2 / count
+    offset = torch.zeros_like(mean) if grad_mean is None else grad_mean / count
+    return slope, offset
+
+
 def _statistics_gradient(x: Tensor, mean: Tensor, grad_mean, grad_var) -> Tensor:
     """d(loss)/dx through (mean, biased var) of x per channel, in at least fp32."""
-    count = x.numel() // x.shape[1]
-    acc = statistics_dtype(x)
-    grad = torch.zeros((), dtype=acc, device=x.device)
-    if grad_mean is not None:
-        grad = grad + _per_channel(grad_mean) / count
-    if grad_var is not None:
-        grad = grad + _per_channel(grad_var) * 2 / count * (x.to(acc) - _per_channel(mean))
-    return grad
+    slope, offset = _statistics_gradient_terms(x, mean, grad_mean, grad_var)
+    centred = x.to(statistics_dtype(x)) - _per_channel(mean)
+    return _per_channel(offset) + _per_channel(slope) * centred
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -92,23 +101,44 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, in_scale, in_shift, out_scale, y, mean)
 
 
-def register_conv_autograd(conv: object, dgrad: Callable, wgrad: Callable) -> None:
-    """Autograd of a fused conv op from its backend's dgrad and wgrad ops."""
+def _epilogue_gradient(ctx, grad_y: Tensor, y: Tensor, mean: Tensor, out_scale,
+                       grad_mean, grad_var,
+                       statistics_backward: Optional[Callable]) -> tuple[Tensor, Tensor]:
+    """(dL/d acc, channels_last in x's dtype: what dgrad and wgrad read; dL/d residual).
+
+    The blocks' training convs have either statistics or a residual, no other epilogue:
+    both cost at most one pass in the storage dtype. Other epilogues (ReLU, scale) take
+    the fp32 formula."""
+    if not ctx.out_relu and out_scale is None:
+        if ctx.statistics and statistics_backward is not None:
+            slope, offset = _statistics_gradient_terms(y, mean, grad_mean, grad_var)
+            return statistics_backward(grad_y, y, mean, slope, offset), None
+        if not ctx.statistics:
+            grad = channels_last(grad_y.to(y.dtype))
+            return grad, (grad if ctx.has_residual else None)
+    grad = grad_y.to(statistics_dtype(grad_y))
+    if ctx.statistics:
+        grad = grad + _statistics_gradient(y, mean, grad_mean, grad_var)
+    if ctx.out_relu:
+        grad = grad.where(y > 0, 0.0)
+    grad_residual = grad.to(y.dtype) if ctx.has_residual else None
+    if out_scale is not None:
+        grad = grad * _per_channel(out_scale)
+    return channels_last(grad.to(y.dtype)), grad_residual
+
+
+def register_conv_autograd(conv: object, dgrad: Callable, wgrad: Callable,
+                           statistics_backward: Optional[Callable] = None) -> None:
+    """Autograd of a fused conv op from its backend's dgrad and wgrad ops, and the op
+    that takes a gradient through batch statistics in one pass (else an fp32 chain)."""
     def backward(ctx, grad_y, grad_mean, grad_var):
         x, weight, in_scale, in_shift, out_scale, y, mean = ctx.saved_tensors
         if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
             raise RuntimeError("fused conv: gradients of out_scale/out_shift are not "
                                "implemented; fold BatchNorm into the epilogue only when no "
                                "gradient is needed (fused_resnet's blocks do)")
-        grad = grad_y.to(statistics_dtype(grad_y))
-        if ctx.statistics:
-            grad = grad + _statistics_gradient(y, mean, grad_mean, grad_var)
-        if ctx.out_relu:
-            grad = grad.where(y > 0, 0.0)
-        grad_residual = grad.to(x.dtype) if ctx.has_residual else None
-        if out_scale is not None:
-            grad = grad * _per_channel(out_scale)
-        grad = channels_last(grad.to(x.dtype))
+        grad, grad_residual = _epilogue_gradient(ctx, grad_y, y, mean, out_scale, grad_mean,
+                                                 grad_var, statistics_backward)
         grad_x = grad_weight = grad_in_scale = grad_in_shift = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             grad_x, grad_in_scale, grad_in_shift = dgrad(grad, weight, x, ctx.stride, in_scale,

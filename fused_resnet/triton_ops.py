@@ -12,7 +12,7 @@ Forward ops and what they fuse:
   triton_bn_add_relu    y = [relu](a * sa + ba [+ r [* sr + br]])
   triton_channel_stats  per-channel mean and biased variance
 Their backward passes are ops too (triton_conv_dgrad, triton_conv_wgrad,
-triton_bn_add_relu_backward). The fakes and the conv and statistics autograd formulas are
+triton_statistics_backward, triton_bn_add_relu_backward). The fakes and the conv and statistics autograd formulas are
 shared with the cuda backend (:mod:`fused_resnet.op_support`); the plain-PyTorch meaning of
 each op is in :mod:`fused_resnet.reference` (``fused_conv``, ``conv_dgrad``, ``conv_wgrad``,
 ``scale_shift_add_relu``, ``batch_statistics``).
@@ -91,7 +91,19 @@ def triton_conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride: int,
 triton_conv_wgrad.register_fake(op_support.conv_wgrad_fake)
 
 
-op_support.register_conv_autograd(triton_conv, triton_conv_dgrad, triton_conv_wgrad)
+@_define_op("fused_resnet::triton_statistics_backward", mutates_args=())
+def triton_statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, slope: Tensor,
+                               offset: Tensor) -> Tensor:
+    """grad + offset[c] + slope[c] * (y - mean[c]), channels_last, in y's dtype."""
+    return elementwise.statistics_backward(_channels_last(grad), _channels_last(y), mean,
+                                           slope, offset)
+
+
+triton_statistics_backward.register_fake(op_support.statistics_backward_fake)
+
+
+op_support.register_conv_autograd(triton_conv, triton_conv_dgrad, triton_conv_wgrad,
+                                  triton_statistics_backward)
 
 
 # --- BN-apply + shortcut + ReLU --------------------------------------------------------

@@ -2,8 +2,8 @@
 
 The BN-apply + shortcut + ReLU that ends a post-activation training block (its BN needs
 the whole batch's statistics, so it cannot sit in the producing conv's epilogue), its
-backward, and the batch statistics of a tensor no kernel of ours produced (the input of a
-pre-activation block).
+backward, the batch statistics of a tensor no kernel of ours produced (the input of a
+pre-activation block), and the gradient of a conv output through its batch statistics.
 """
 
 import torch
@@ -102,6 +102,28 @@ def channel_statistics_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, C,
                           channel_valid, count_ptr, mean_ptr, m2_ptr, C)
 
 
+@triton.autotune(configs=_CONFIGS, key=["M", "C"])
+@triton.jit
+def statistics_backward_kernel(g_ptr, y_ptr, mean_ptr, slope_ptr, offset_ptr, out_ptr, M, C,
+                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = g + offset[c] + slope[c] * (y - mean[c]), fp32 math, one rounding.
+
+    The gradient of ``y`` when its per-channel mean and biased variance also reach the
+    loss (offset = dL/dmean / count, slope = 2 dL/dvar / count): one read of g and y and
+    one write in the storage dtype, where the same formula in PyTorch is a chain of fp32
+    passes. Centred on the mean before the product, so it stays exact when
+    |mean| >> std. ``g``, ``y``, ``out``: channels_last-contiguous [M, C].
+    """
+    rows, channels, row_valid, channel_valid, offsets = _tile(M, C, BLOCK_M, BLOCK_C)
+    mask = row_valid[:, None] & channel_valid[None, :]
+    y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    centred = y - _per_channel(mean_ptr, channels, channel_valid)
+    out = (tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+           + _per_channel(offset_ptr, channels, channel_valid)
+           + _per_channel(slope_ptr, channels, channel_valid) * centred)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _rows_and_grid(x):
     m, c = x.numel() // x.shape[1], x.shape[1]
     return m, c, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
@@ -136,6 +158,15 @@ def bn_add_relu_backward(grad, y, a, a_scale, residual=None, r_scale=None, relu=
     grad_shift, grad_scale, grad_r_scale = (s.sum(0) for s in sums)
     return (grad_a, grad_scale, grad_shift, grad_r,
             grad_r_scale if affine else None, grad_shift.clone() if affine else None)
+
+
+def statistics_backward(grad, y, mean, slope, offset):
+    """Launch :func:`statistics_backward_kernel`; ``grad`` and ``y`` channels_last-contiguous,
+    the result in ``y``'s dtype."""
+    m, c, grid = _rows_and_grid(y)
+    out = torch.empty_like(y, memory_format=torch.channels_last)
+    tuning.launcher(statistics_backward_kernel)[grid](grad, y, mean, slope, offset, out, m, c)
+    return out
 
 
 def channel_statistics(x):

@@ -9,10 +9,11 @@ ERROR_FACTOR of what plain PyTorch makes in the same dtype.
 import pytest
 import torch
 
-from fused_resnet import reference
+from fused_resnet import op_reference, reference
 from fused_resnet.testing import errors_beyond_eager
 from fused_resnet.triton_ops import (triton_bn_add_relu, triton_channel_stats, triton_conv,
-                                     triton_conv_dgrad, triton_conv_wgrad)
+                                     triton_conv_dgrad, triton_conv_wgrad,
+                                     triton_statistics_backward)
 
 # (batch, C_in, H, W, C_out, kernel, stride): odd sizes, channels not multiples of the
 # 16-wide interpreter tile, stride 2, 1x1, 3x3 and the 7x7 stem.
@@ -152,6 +153,25 @@ def test_bn_add_relu_forward_and_backward(residual_kind, channels_last, device,
         assert errors_beyond_eager(results["fused"], results["eager"], results["truth"]) == []
 
 
+@pytest.mark.parametrize("offset_of_mean", [0.0, 1e3])
+def test_statistics_backward_against_fp64(offset_of_mean, device, poisoned_allocations):
+    # 7 channels, 3x5x3 pixels: neither a multiple of the interpreter tile; a large mean
+    # (|mean| / std = 1000) checks that the kernel centres before the product.
+    for dtype in _dtypes(device):
+        y64 = torch.randn(3, 7, 5, 3, device=device, dtype=torch.float64) + offset_of_mean
+        grad64 = torch.randn_like(y64)
+        mean64 = y64.mean((0, 2, 3))
+        slope64, offset64 = (torch.randn(7, device=device, dtype=torch.float64)
+                             for _ in range(2))
+        truth = op_reference.statistics_backward(grad64, y64, mean64, slope64, offset64)
+        inputs = [t.to(dtype) for t in (grad64, y64)] + [t.float() for t in (
+            mean64, slope64, offset64)]
+        fused = triton_statistics_backward(*inputs)
+        eager = op_reference.statistics_backward(*inputs)
+        assert fused.dtype == dtype and fused.is_contiguous(memory_format=torch.channels_last)
+        assert errors_beyond_eager({"out": fused}, {"out": eager}, {"out": truth}) == []
+
+
 def test_channel_stats_and_their_gradient(device):
     x = torch.randn(3, 6, 5, 7, device=device, dtype=torch.float64)
     x32 = x.float().requires_grad_()
@@ -193,10 +213,11 @@ def _opcheck_samples(device):
         (triton_conv_wgrad, (grad, fused["x"], fused["weight"], stride, None, None)),
         (triton_bn_add_relu, (a, s, s, torch.randn_like(a), s, s, True)),
         (triton_channel_stats, (a,)),
+        (triton_statistics_backward, (torch.randn_like(a), a, s, s, s)),
     ]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_ops_pass_opcheck(index, device):
     op, args = _opcheck_samples(device)[index]
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()

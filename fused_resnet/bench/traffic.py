@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 # What the counter can count: eager PyTorch and the fused backends (torch.compile's
 # contenders run generated code that dispatch does not see).
@@ -37,6 +37,25 @@ NOT_LAUNCHES = {"detach", "alias", "lift_fresh", "empty", "empty_like", "empty_s
                 "new_empty", "new_empty_strided", "_reshape_alias", "set_", "resize_",
                 "promote_types", "sym_size", "sym_stride", "sym_numel",
                 "sym_storage_offset", "is_same_size", "_local_scalar_dense"}
+
+
+# Ops whose meta kernels give NCHW results where cuDNN gives channels_last ones (cuDNN
+# follows a channels_last input or weight): the counter lays their results out as a GPU
+# run sees them, or every op after them would see a layout no GPU run has.
+_CUDNN_LAYOUT_OPS = {"convolution", "convolution_backward"}
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+            and not t.is_contiguous())
+
+
+def _as_cudnn_lays_out(func, args, out):
+    if (func._schema.name.split("::")[-1] not in _CUDNN_LAYOUT_OPS
+            or not any(_is_channels_last(t) for t in _tensors(args))):
+        return out
+    return tree_map(lambda t: t.contiguous(memory_format=torch.channels_last)
+                    if isinstance(t, torch.Tensor) and t.dim() == 4 else t, out)
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -85,7 +104,7 @@ class TrafficCounter(TorchDispatchMode):
         self.live_bytes -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = _as_cudnn_lays_out(func, args, func(*args, **(kwargs or {})))
         outputs = _tensors(out)
         for t in outputs:
             self._track(t)
