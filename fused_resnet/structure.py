@@ -49,10 +49,16 @@ def _is_timm_relu_batch_norm(norm: nn.Module) -> bool:
             and type(getattr(norm, "act", None)) is nn.ReLU)
 
 
+# The children the known forwards call as their activation (torchvision's `relu`, timm
+# ResNet's `act1`..`act3`): the fused block applies a ReLU there, so only an exact
+# nn.ReLU may fill them (an nn.Identity there means no activation at all).
+ACTIVATION_SLOTS = ("relu", "act1", "act2", "act3")
+
+
 def _is_inert(module: Optional[nn.Module]) -> bool:
-    """True for the children a block may hold beside convs and norms without changing
-    what the fused block computes: activations it applies itself, identities, no-op drops."""
-    if module is None or type(module) in (nn.ReLU, nn.Identity):
+    """True for the children a block may hold beside convs, norms and activations
+    without changing what the fused block computes: identities, no-op drops."""
+    if module is None or type(module) is nn.Identity:
         return True
     return type(module).__name__ == "DropPath" and getattr(module, "drop_prob", None) == 0.0
 
@@ -161,7 +167,11 @@ def block_problem(block: nn.Module, spec: BlockSpec) -> Optional[str]:
             return problem
     known = set(spec.convs) | set(spec.norms) | {"downsample"}
     for name, child in children.items():
-        if name not in known and not _is_inert(child):
+        if name in ACTIVATION_SLOTS:
+            if type(child) is not nn.ReLU:
+                return (f"{name} is {type(child).__name__}, expected nn.ReLU: the block "
+                        "applies it as its activation")
+        elif name not in known and not _is_inert(child):
             return f"{name} ({type(child).__name__}) has no fused counterpart"
     return None
 

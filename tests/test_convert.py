@@ -180,3 +180,50 @@ def test_unfuse_of_built_models_gives_scriptable_plain_modules():
     x = torch.randn(2, 3, 32, 32)
     scripted = torch.jit.script(plain_model)
     torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+BLOCKS = {
+    "tv-basic": lambda: torchvision.models.resnet18().layer2[0],
+    "tv-bottleneck": lambda: torchvision.models.resnet50().layer2[0],
+    "timm-basic": lambda: timm.create_model("resnet18").layer2[0],
+    "timm-bottleneck": lambda: timm.create_model("resnet50").layer2[0],
+    "timm-preact-bottleneck": lambda: timm.create_model("resnetv2_50").stages[1].blocks[0],
+}
+REPLACEMENTS = {"Identity": nn.Identity, "ReLU": nn.ReLU, "SiLU": nn.SiLU}
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+@pytest.mark.parametrize("replacement", REPLACEMENTS)
+def test_a_changed_child_is_left_or_computes_the_same(name, replacement):
+    """For every child slot of every known block class: with that child replaced, the
+    block is either left (with the reason in the report) or its fused version computes
+    exactly what the changed original computes (fp64, training step and eval)."""
+    template = randomize_batch_norms(BLOCKS[name]()).double()
+    for slot, _ in template.named_children():
+        original = copy.deepcopy(template)
+        x = torch.randn(2, original.conv1.in_channels, 8, 8, dtype=torch.float64)
+        setattr(original, slot, REPLACEMENTS[replacement]())
+        try:
+            expected = _train_then_eval(copy.deepcopy(original), x, steps=1)
+        except RuntimeError:  # the changed block no longer runs at all: nothing to match
+            continue
+        converted = fused_resnet.convert(nn.Sequential(original), backend="reference")
+        report = converted.fusion_report
+        if report.left:
+            assert report.left[0].reason, (slot, report)
+            continue
+        outputs, grads, buffers = _train_then_eval(converted, x, steps=1)
+        for got, want in zip(outputs, expected[0]):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12,
+                                       msg=f"{name}.{slot} = {replacement}")
+
+
+def test_identity_activation_is_not_taken_for_a_relu():
+    model = torchvision.models.resnet18(num_classes=10)
+    model.layer1[0].relu = nn.Identity()
+    report = fused_resnet.convert(model, backend="reference").fusion_report
+    assert [b.name for b in report.left] == ["layer1.0"]
+    assert "relu is Identity, expected nn.ReLU" in report.left[0].reason
+    timm_model = timm.create_model("resnet18", act_layer=nn.Identity, num_classes=10)
+    timm_report = fused_resnet.convert(timm_model, backend="reference").fusion_report
+    assert timm_report.swapped == [] and len(timm_report.left) == 8
