@@ -107,6 +107,9 @@ def _cuda_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optional[
     load_error = extension.load_error()
     if load_error is not None:
         return f"the C++/CUDA extension fused_resnet._C is not available ({load_error})"
+    # The device first: on the CPU no other change would make the cuda backend run.
+    if x.device.type not in _FUSED_DEVICES[1:]:
+        return f"the input is on {x.device}, the cuda backend needs CUDA tensors"
     if x.dtype not in _CUDA_DTYPES:
         return (f"the input dtype is {x.dtype}; the cuda backend's CUTLASS tensor-core "
                 "kernels take float16 and bfloat16 (use autocast or .half()/.bfloat16())")
@@ -122,8 +125,6 @@ def _cuda_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optional[
     if for_auto:
         return ("the cuda backend has not yet run its GPU test suite on real hardware "
                 "(issue #4); ask for backend='cuda' explicitly to use it")
-    if x.device.type not in _FUSED_DEVICES[1:]:
-        return f"the input is on {x.device}, the cuda backend needs CUDA tensors"
     return None
 
 
@@ -186,6 +187,14 @@ def select(block: nn.Module, x: torch.Tensor, arguments: dict,
         if reason is not None:
             raise BackendUnavailableError(f"backend={name!r} cannot run {block_name}: {reason}")
         return backend
+    if x.device.type == "cpu":
+        # 'auto' runs CPU tensors on the reference: the fused backends run CUDA tensors
+        # (the Triton interpreter is for tests). The reasons each of them would give (a
+        # dtype, TRITON_INTERPRET) suggest changes that would not help here.
+        _warn_once(f"fused_resnet: backend='auto' runs {block_name} on 'reference': the "
+                   "input is on the CPU, and the fused backends ('cuda', 'triton') run "
+                   "CUDA tensors; move the model and its input to a GPU to use them")
+        return BACKENDS["reference"]
     skipped = []
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
