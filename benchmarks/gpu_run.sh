@@ -13,11 +13,16 @@ export PYTHONUNBUFFERED=1
 parts=${*:-build tests traffic models blocks}
 wants() { [[ " $parts " == *" $1 "* ]]; }
 
+versions=$(python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1)
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 {
     nvidia-smi
-    python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-    git rev-parse HEAD
+    echo "$versions"
+    echo "$commit"
 } > "$OUT/environment.txt" 2>&1
+# Every log and table starts with the versions and commit it ran with (the JSON files
+# record them in their "environment").
+stamped() { { echo "# $versions, commit $commit"; cat; } > "$1"; }
 
 # The GPU machines have no network and no nvidia-cutlass (the CUTLASS headers the build
 # needs): a session carries its wheel in .whl/ (benchmarks/README.md) and it goes beside
@@ -29,26 +34,27 @@ fi
 
 if wants build; then
     start=$SECONDS
-    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-        || { tail -30 "$OUT/build.log"; exit 1; }
+    python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | stamped "$OUT/build.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { tail -30 "$OUT/build.log"; exit 1; }
     echo "extension build: $((SECONDS - start)) s" | tee -a "$OUT/build.log"
 fi
 
 if wants tests; then
-    python3 -m pytest -q -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+    python3 -m pytest -q -m gpu 2>&1 | tee >(stamped "$OUT/gpu_tests.log") | tail -5
 fi
 
 bench() {  # name, then fused-resnet-bench arguments
     local name=$1; shift
     python3 -m fused_resnet.bench "$@" --json "$OUT/$name.json" --plot "$OUT/$name.png" \
-        2>&1 | tee "$OUT/$name.txt"
-    python3 -m fused_resnet.bench.report "$OUT/$name.json" > "$OUT/$name.md"
+        2>&1 | tee >(stamped "$OUT/$name.txt")
+    python3 -m fused_resnet.bench.report "$OUT/$name.json" | stamped "$OUT/$name.md"
 }
 
 # The counted launches and bytes (no GPU needed) of the commit whose speed is measured
 # next, so that the count and the hardware can be compared.
 if wants traffic; then
-    python3 -m fused_resnet.bench --traffic --json "$OUT/traffic.json" 2>&1 | tee "$OUT/traffic.txt"
+    python3 -m fused_resnet.bench --traffic --json "$OUT/traffic.json" 2>&1 \
+        | tee >(stamped "$OUT/traffic.txt")
 fi
 
 if wants models; then
@@ -62,5 +68,5 @@ fi
 
 if wants suites; then
     python3 -m pytest benchmarks -q --benchmark-json="$OUT/suites.json" 2>&1 \
-        | tee "$OUT/suites.log" | tail -40
+        | tee >(stamped "$OUT/suites.log") | tail -40
 fi
