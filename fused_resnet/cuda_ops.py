@@ -94,13 +94,14 @@ def _bn_add_relu(a: Tensor, a_scale: Tensor, a_shift: Tensor, residual: Optional
 
 def _bn_scale_shift(mean: Tensor, var: Tensor, weight: Optional[Tensor],
                     bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    return torch.ops.fused_resnet.bn_scale_shift(mean, var, weight, bias, eps)
+    acc = op_support.statistics_dtype(mean)  # running statistics of a .half() module
+    return torch.ops.fused_resnet.bn_scale_shift(mean.to(acc), var.to(acc), weight, bias, eps)
 
 
 def _bn_update_running_stats(mean: Tensor, var: Tensor, running_mean: Tensor,
                              running_var: Tensor, factor: float, count: int) -> None:
-    torch.ops.fused_resnet.bn_update_running_stats(mean.detach(), var.detach(), running_mean,
-                                                   running_var, factor, count)
+    torch.ops.fused_resnet.bn_update_running_stats(mean, var, running_mean, running_var,
+                                                   factor, count)
 
 
 KERNELS = Kernels(conv=cuda_conv, bn_add_relu=_bn_add_relu, channel_stats=cuda_channel_stats,
@@ -148,21 +149,9 @@ def _scale_shift_add_relu_backward(ctx, grad_output):
     return (*grads, None)
 
 
-def _bn_scale_shift_fake(mean, var, weight, bias, eps):
-    dtype = op_support.statistics_dtype(mean)
-    return torch.empty_like(mean, dtype=dtype), torch.empty_like(mean, dtype=dtype)
-
-
-def _bn_scale_shift_setup_context(ctx, inputs, output):
-    mean, var, weight, bias, eps = inputs
-    ctx.eps = eps
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(mean, var, weight)
-
-
 def _bn_scale_shift_backward(ctx, grad_scale, grad_shift):
     """scale = w * rstd, shift = b - mean * scale, rstd = (var + eps)^(-1/2)."""
-    mean, var, weight = ctx.saved_tensors
+    mean, var, weight, bias = ctx.saved_tensors
     rstd = torch.rsqrt(var + ctx.eps)
     w = torch.ones_like(rstd) if weight is None else weight.to(rstd.dtype)
     grad_scale = torch.zeros_like(rstd) if grad_scale is None else grad_scale
@@ -170,7 +159,7 @@ def _bn_scale_shift_backward(ctx, grad_scale, grad_shift):
     through_scale = grad_scale - grad_shift * mean  # d(loss)/d(scale), shift's part included
     grad_var = through_scale * w * -0.5 * rstd ** 3
     grad_weight = None if weight is None else (through_scale * rstd).to(weight.dtype)
-    grad_bias = None if ctx.bias_dtype is None else grad_shift.to(ctx.bias_dtype)
+    grad_bias = None if bias is None else grad_shift.to(bias.dtype)
     return -grad_shift * w * rstd, grad_var, grad_weight, grad_bias, None
 
 
@@ -183,7 +172,8 @@ def register_python_parts() -> None:
         "cuda_conv_wgrad": (op_support.conv_wgrad_fake, op_reference.conv_wgrad),
         "cuda_channel_stats": (op_support.channel_stats_fake, reference.batch_statistics),
         "affine_relu_backward": (_affine_relu_backward_fake, op_reference.affine_relu_backward),
-        "bn_scale_shift": (_bn_scale_shift_fake, reference.scale_shift_from_statistics),
+        "bn_scale_shift": (op_support.bn_scale_shift_fake,
+                           reference.scale_shift_from_statistics),
         "bn_update_running_stats": (lambda *args: None, reference.blend_running_stats),
     }
     for name, (fake, cpu_kernel) in ops.items():
@@ -194,7 +184,7 @@ def register_python_parts() -> None:
                                     _scale_shift_add_relu_backward,
                                     setup_context=_scale_shift_add_relu_setup_context)
     torch.library.register_autograd("fused_resnet::bn_scale_shift", _bn_scale_shift_backward,
-                                    setup_context=_bn_scale_shift_setup_context)
+                                    setup_context=op_support.bn_scale_shift_setup_context)
     op_support.register_conv_autograd("fused_resnet::cuda_conv", _cuda_conv_dgrad,
                                       _cuda_conv_wgrad)
     op_support.register_channel_stats_autograd("fused_resnet::cuda_channel_stats")

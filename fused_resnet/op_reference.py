@@ -74,15 +74,18 @@ def affine_relu_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor],
             g.sum(_NON_CHANNEL_DIMS))
 
 
-def statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, slope: Tensor,
-                        offset: Tensor) -> Tensor:
-    """``grad + offset[c] + slope[c] * (y - mean[c])`` in fp32, channels_last in y's dtype:
-    the gradient of ``y`` through its per-channel batch statistics as well (offset =
-    dL/dmean / count, slope = 2 dL/dvar / count)."""
+def statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean: Tensor,
+                        grad_var: Tensor) -> Tensor:
+    """The gradient of ``y`` when its per-channel (mean, biased variance) over the count
+    of values per channel also reach the loss with gradients ``grad_mean``, ``grad_var``:
+    ``grad + (grad_mean + 2 grad_var (y - mean)) / count``, fp32 math, channels_last in
+    y's dtype."""
     acc = _accumulation_dtype(y)
-    out = (grad.to(acc) + offset.to(acc).reshape(1, -1, 1, 1)
-           + slope.to(acc).reshape(1, -1, 1, 1) * (y.to(acc) - mean.to(acc).reshape(1, -1, 1, 1)))
-    return _channels_last(out.to(y.dtype))
+    count = y.numel() // y.shape[1]
+    centred = y.to(acc) - mean.to(acc).reshape(1, -1, 1, 1)
+    statistics_term = (grad_mean.to(acc).reshape(1, -1, 1, 1)
+                       + 2 * grad_var.to(acc).reshape(1, -1, 1, 1) * centred)
+    return _channels_last((grad.to(acc) + statistics_term / count).to(y.dtype))
 
 
 def conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,

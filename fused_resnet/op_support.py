@@ -64,8 +64,13 @@ def conv_wgrad_fake(grad, x, weight, stride, in_scale, in_shift):
     return torch.empty_like(weight)
 
 
-def statistics_backward_fake(grad, y, mean, slope, offset):
+def statistics_backward_fake(grad, y, mean, grad_mean, grad_var):
     return torch.empty_like(y, memory_format=_CHANNELS_LAST)
+
+
+def bn_scale_shift_fake(mean, var, weight, bias, eps):
+    dtype = statistics_dtype(mean)
+    return torch.empty_like(mean, dtype=dtype), torch.empty_like(mean, dtype=dtype)
 
 
 def channel_stats_fake(x):
@@ -75,21 +80,16 @@ def channel_stats_fake(x):
 
 # --- autograd ------------------------------------------------------------------------------
 
-def _statistics_gradient_terms(x: Tensor, mean: Tensor, grad_mean,
-                               grad_var) -> tuple[Tensor, Tensor]:
-    """(slope, offset) per channel, fp32: d(loss)/dx through (mean, biased var) of x per
-    channel is ``offset[c] + slope[c] * (x - mean[c])``."""
-    count = x.numel() // x.shape[1]
-    slope = torch.zeros_like(mean) if grad_var is None else grad_var * 2 / count
-    offset = torch.zeros_like(mean) if grad_mean is None else grad_mean / count
-    return slope, offset
-
-
 def _statistics_gradient(x: Tensor, mean: Tensor, grad_mean, grad_var) -> Tensor:
     """d(loss)/dx through (mean, biased var) of x per channel, in at least fp32."""
-    slope, offset = _statistics_gradient_terms(x, mean, grad_mean, grad_var)
-    centred = x.to(statistics_dtype(x)) - _per_channel(mean)
-    return _per_channel(offset) + _per_channel(slope) * centred
+    count = x.numel() // x.shape[1]
+    acc = statistics_dtype(x)
+    grad = torch.zeros((), dtype=acc, device=x.device)
+    if grad_mean is not None:
+        grad = grad + _per_channel(grad_mean) / count
+    if grad_var is not None:
+        grad = grad + _per_channel(grad_var) * 2 / count * (x.to(acc) - _per_channel(mean))
+    return grad
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -111,8 +111,9 @@ def _epilogue_gradient(ctx, grad_y: Tensor, y: Tensor, mean: Tensor, out_scale,
     the fp32 formula."""
     if not ctx.out_relu and out_scale is None:
         if ctx.statistics and statistics_backward is not None:
-            slope, offset = _statistics_gradient_terms(y, mean, grad_mean, grad_var)
-            return statistics_backward(grad_y, y, mean, slope, offset), None
+            grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+            grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+            return statistics_backward(grad_y, y, mean, grad_mean, grad_var), None
         if not ctx.statistics:
             grad = channels_last(grad_y.to(y.dtype))
             return grad, (grad if ctx.has_residual else None)
@@ -151,6 +152,14 @@ def register_conv_autograd(conv: object, dgrad: Callable, wgrad: Callable,
                 grad_residual, None, None)
 
     torch.library.register_autograd(conv, backward, setup_context=_conv_setup_context)
+
+
+def bn_scale_shift_setup_context(ctx, inputs, output):
+    """What the backward of a ``bn_scale_shift`` op (mean, var, weight, bias, eps, ...) ->
+    (scale, shift) needs: its first five inputs (weight and bias may be None)."""
+    mean, var, weight, bias, eps = inputs[:5]
+    ctx.eps = eps
+    ctx.save_for_backward(mean, var, weight, bias)
 
 
 def _stats_setup_context(ctx, inputs, output):

@@ -159,8 +159,11 @@ def blend_running_stats(mean: Tensor, var: Tensor, running_mean: Tensor, running
 def scale_shift_from_statistics(mean: Tensor, var: Tensor, weight: Optional[Tensor],
                                 bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
     """Normalization and the affine transform folded into one per-channel scale and shift:
-    ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``; the reference of
-    the op ``fused_resnet::bn_scale_shift``."""
+    ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``, in at least fp32
+    (running statistics of a ``.half()`` module are upcast); the reference of the op
+    ``fused_resnet::bn_scale_shift``."""
+    acc = _accumulation_dtype(var.dtype)
+    mean, var = mean.to(acc), var.to(acc)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
@@ -176,6 +179,11 @@ class Finalize(NamedTuple):
 
     scale_shift: Callable = scale_shift_from_statistics
     blend_running_stats: Callable = blend_running_stats
+    # Optional, for a training BN with a non-empty batch: (mean, var, weight, bias, eps,
+    # running_mean, running_var, num_batches_tracked, momentum, count) -> (scale, shift),
+    # also counting the batch and updating the running statistics (each may be None), in
+    # one call; None runs the steps above one by one.
+    training: Optional[Callable] = None
 
 
 def normalization(bn: BatchNormParams, count: int,
@@ -197,6 +205,10 @@ def normalization(bn: BatchNormParams, count: int,
         if bn.training and count == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got {count} value per channel")
+        if bn.training and count > 0 and finalize.training is not None:
+            return finalize.training(mean, var, bn.weight, bn.bias, bn.eps, bn.running_mean,
+                                     bn.running_var, bn.num_batches_tracked, bn.momentum,
+                                     count)
         if bn.training and bn.num_batches_tracked is not None:
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)
@@ -208,11 +220,11 @@ def normalization(bn: BatchNormParams, count: int,
         if bn.training and bn.running_mean is not None:
             factor = (1.0 / float(bn.num_batches_tracked.item()) if bn.momentum is None
                       else bn.momentum)
-            finalize.blend_running_stats(mean, var, bn.running_mean, bn.running_var, factor,
-                                         count)
+            # Detached: the running statistics are not part of the graph.
+            finalize.blend_running_stats(mean.detach(), var.detach(), bn.running_mean,
+                                         bn.running_var, factor, count)
     else:
-        acc = _accumulation_dtype(bn.running_mean.dtype)
-        mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+        mean, var = bn.running_mean, bn.running_var
     return scale_shift(mean, var)
 
 

@@ -20,7 +20,7 @@ each op is in :mod:`fused_resnet.reference` (``fused_conv``, ``conv_dgrad``, ``c
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -28,10 +28,24 @@ from torch.library import custom_op, triton_op
 
 from fused_resnet import op_support
 from fused_resnet.fused_blocks import Kernels
-from fused_resnet.kernels import conv_backward, conv_forward, elementwise
+from fused_resnet.reference import Finalize
+from fused_resnet.kernels import batch_norm_finalize, conv_backward, conv_forward, elementwise
 from fused_resnet.kernels.tuning import INTERPRETED
 
 _define_op = custom_op if INTERPRETED else triton_op
+
+# Each op's Python implementation by op name (without the namespace): the traffic
+# counter (fused_resnet.bench.traffic) runs it on meta tensors with the kernel launches
+# recorded, so that it counts every aten call an op makes besides its kernels.
+IMPLEMENTATIONS: dict[str, Callable] = {}
+
+
+def _op(name: str, mutates_args=()):
+    """Define the op ``fused_resnet::<name>`` from the decorated function."""
+    def define(implementation: Callable):
+        IMPLEMENTATIONS[name] = implementation
+        return _define_op(f"fused_resnet::{name}", mutates_args=mutates_args)(implementation)
+    return define
 
 _CHANNELS_LAST = torch.channels_last
 _channels_last = op_support.channels_last
@@ -41,9 +55,14 @@ def _empty_like_channel(x: Tensor) -> Tensor:
     return x.new_empty(0, dtype=torch.float32)
 
 
+def _dense(*vectors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """Per-channel vectors as the kernels index them: contiguous (None stays None)."""
+    return [None if v is None else v.contiguous() for v in vectors]
+
+
 # --- the fused convolution -------------------------------------------------------------
 
-@_define_op("fused_resnet::triton_conv", mutates_args=())
+@_op("triton_conv")
 def triton_conv(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tensor],
                 in_shift: Optional[Tensor], out_scale: Optional[Tensor],
                 out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
@@ -63,7 +82,7 @@ def triton_conv(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tenso
 triton_conv.register_fake(op_support.conv_fake)
 
 
-@_define_op("fused_resnet::triton_conv_dgrad", mutates_args=())
+@_op("triton_conv_dgrad")
 def triton_conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
                       in_scale: Optional[Tensor],
                       in_shift: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -78,25 +97,25 @@ def triton_conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
 triton_conv_dgrad.register_fake(op_support.conv_dgrad_fake)
 
 
-@_define_op("fused_resnet::triton_conv_wgrad", mutates_args=())
+@_op("triton_conv_wgrad")
 def triton_conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride: int,
                       in_scale: Optional[Tensor], in_shift: Optional[Tensor]) -> Tensor:
     """dL/dW in the dtype and memory layout of ``weight``."""
-    grad_weight = torch.empty_like(weight)
-    grad_weight.copy_(conv_backward.conv_wgrad(_channels_last(grad), x, weight.shape, stride,
-                                               in_scale, in_shift))
-    return grad_weight
+    return conv_backward.conv_wgrad(_channels_last(grad), x, weight, stride, in_scale,
+                                    in_shift)
 
 
 triton_conv_wgrad.register_fake(op_support.conv_wgrad_fake)
 
 
-@_define_op("fused_resnet::triton_statistics_backward", mutates_args=())
-def triton_statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, slope: Tensor,
-                               offset: Tensor) -> Tensor:
-    """grad + offset[c] + slope[c] * (y - mean[c]), channels_last, in y's dtype."""
-    return elementwise.statistics_backward(_channels_last(grad), _channels_last(y), mean,
-                                           slope, offset)
+@_op("triton_statistics_backward")
+def triton_statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean: Tensor,
+                               grad_var: Tensor) -> Tensor:
+    """dL/dy = grad + (grad_mean[c] + 2 grad_var[c] (y - mean[c])) / count, channels_last,
+    in y's dtype, for (mean, biased var) of y per channel over count values."""
+    # Per-channel vectors dense: a gradient of a sum arrives expanded (stride 0).
+    return elementwise.statistics_backward(_channels_last(grad), _channels_last(y),
+                                           *_dense(mean, grad_mean, grad_var))
 
 
 triton_statistics_backward.register_fake(op_support.statistics_backward_fake)
@@ -108,7 +127,7 @@ op_support.register_conv_autograd(triton_conv, triton_conv_dgrad, triton_conv_wg
 
 # --- BN-apply + shortcut + ReLU --------------------------------------------------------
 
-@_define_op("fused_resnet::triton_bn_add_relu", mutates_args=())
+@_op("triton_bn_add_relu")
 def triton_bn_add_relu(a: Tensor, a_scale: Tensor, a_shift: Tensor, residual: Optional[Tensor],
                        r_scale: Optional[Tensor], r_shift: Optional[Tensor],
                        relu: bool) -> Tensor:
@@ -122,7 +141,7 @@ def _triton_bn_add_relu_fake(a, a_scale, a_shift, residual, r_scale, r_shift, re
     return torch.empty_like(a, memory_format=_CHANNELS_LAST)
 
 
-@_define_op("fused_resnet::triton_bn_add_relu_backward", mutates_args=())
+@_op("triton_bn_add_relu_backward")
 def triton_bn_add_relu_backward(grad: Tensor, y: Tensor, a: Tensor, a_scale: Tensor,
                                 residual: Optional[Tensor], r_scale: Optional[Tensor],
                                 relu: bool) -> list[Tensor]:
@@ -171,7 +190,7 @@ triton_bn_add_relu.register_autograd(_bn_add_relu_backward,
 
 # --- batch statistics of a block input -------------------------------------------------
 
-@_define_op("fused_resnet::triton_channel_stats", mutates_args=())
+@_op("triton_channel_stats")
 def triton_channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return elementwise.channel_statistics(_channels_last(x))
 
@@ -182,5 +201,96 @@ triton_channel_stats.register_fake(op_support.channel_stats_fake)
 op_support.register_channel_stats_autograd(triton_channel_stats)
 
 
+# --- the BatchNorm finalize: statistics to scale/shift, running statistics -------------
+
+@_op("triton_bn_scale_shift")
+def triton_bn_scale_shift(mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                          bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """(weight / sqrt(var + eps), bias - mean * scale), fp32 per channel."""
+    return batch_norm_finalize.bn_scale_shift(*_dense(mean, var, weight, bias), eps)
+
+
+triton_bn_scale_shift.register_fake(op_support.bn_scale_shift_fake)
+
+
+@_op("triton_bn_scale_shift_backward")
+def triton_bn_scale_shift_backward(grad_scale: Tensor, grad_shift: Tensor, mean: Tensor,
+                                   var: Tensor, weight: Optional[Tensor],
+                                   bias: Optional[Tensor], eps: float) -> list[Tensor]:
+    """[grad_mean, grad_var, grad_weight, grad_bias]; the last two empty without weight or
+    bias."""
+    grads = batch_norm_finalize.bn_scale_shift_backward(
+        *_dense(grad_scale, grad_shift, mean, var, weight, bias), eps)
+    return [_empty_like_channel(mean) if g is None else g for g in grads]
+
+
+@triton_bn_scale_shift_backward.register_fake
+def _triton_bn_scale_shift_backward_fake(grad_scale, grad_shift, mean, var, weight, bias,
+                                         eps):
+    return [torch.empty_like(mean), torch.empty_like(mean),
+            _empty_like_channel(mean) if weight is None else torch.empty_like(weight),
+            _empty_like_channel(mean) if bias is None else torch.empty_like(bias)]
+
+
+def _bn_scale_shift_backward(ctx, grad_scale, grad_shift):
+    mean, var, weight, bias = ctx.saved_tensors
+    grad_scale = torch.zeros_like(mean) if grad_scale is None else grad_scale
+    grad_shift = torch.zeros_like(mean) if grad_shift is None else grad_shift
+    grad_mean, grad_var, grad_weight, grad_bias = triton_bn_scale_shift_backward(
+        grad_scale, grad_shift, mean, var, weight, bias, ctx.eps)
+    return (grad_mean, grad_var, None if weight is None else grad_weight,
+            None if bias is None else grad_bias, None)
+
+
+triton_bn_scale_shift.register_autograd(_bn_scale_shift_backward,
+                                        setup_context=op_support.bn_scale_shift_setup_context)
+
+
+@_op("triton_bn_train_finalize",
+     mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def triton_bn_train_finalize(mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                             bias: Optional[Tensor], eps: float,
+                             running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                             num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                             count: int) -> tuple[Tensor, Tensor]:
+    """:func:`triton_bn_scale_shift` of a training BN, which also counts the batch and
+    updates the running statistics (momentum, or the cumulative average when None) in
+    the same launch."""
+    running = [t for t in (running_mean, running_var, num_batches_tracked) if t is not None]
+    if not all(t.is_contiguous() for t in running):
+        raise ValueError("triton_bn_train_finalize: running_mean, running_var and "
+                         "num_batches_tracked must be contiguous (they are updated in place)")
+    return batch_norm_finalize.bn_train_finalize(*_dense(mean, var, weight, bias), eps,
+                                                 running_mean, running_var,
+                                                 num_batches_tracked, momentum, count)
+
+
+@triton_bn_train_finalize.register_fake
+def _triton_bn_train_finalize_fake(mean, var, weight, bias, eps, *running_and_count):
+    return op_support.bn_scale_shift_fake(mean, var, weight, bias, eps)
+
+
+class _TrainFinalize(torch.autograd.Function):
+    """:func:`triton_bn_train_finalize` with the gradient of its (scale, shift) outputs: a
+    custom op that mutates its inputs cannot carry an autograd formula itself."""
+
+    @staticmethod
+    def forward(ctx, mean, var, weight, bias, eps, running_mean, running_var,
+                num_batches_tracked, momentum, count):
+        op_support.bn_scale_shift_setup_context(ctx, (mean, var, weight, bias, eps), None)
+        return triton_bn_train_finalize(mean, var, weight, bias, eps, running_mean,
+                                        running_var, num_batches_tracked, momentum, count)
+
+    @staticmethod
+    def backward(ctx, grad_scale, grad_shift):
+        return _bn_scale_shift_backward(ctx, grad_scale, grad_shift) + (None,) * 5
+
+
+def _train_finalize(*args) -> tuple[Tensor, Tensor]:
+    return _TrainFinalize.apply(*args)
+
+
 KERNELS = Kernels(conv=triton_conv, bn_add_relu=triton_bn_add_relu,
-                  channel_stats=triton_channel_stats)
+                  channel_stats=triton_channel_stats,
+                  finalize=Finalize(scale_shift=triton_bn_scale_shift,
+                                    training=_train_finalize))

@@ -7,6 +7,7 @@ import triton.language as tl
 
 from . import tuning
 from .conv_forward import dot_precision, relu_keeping_nan, split_pixel_index, tile_indices
+from .statistics import record_tile_count, sum_buffers, sum_tiles
 
 _CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
@@ -16,11 +17,11 @@ _MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
 _WGRAD_PIXELS_PER_SPLIT = 8192
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE"],
-                 reset_to_zero=["sum_ptr", "sum_x_ptr"])
+@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE"])
 @triton.jit
 def conv_dgrad_kernel(
         g_ptr, w_ptr, x_ptr, in_scale_ptr, in_shift_ptr, grad_x_ptr, sum_ptr, sum_x_ptr,
+        tiles_ptr,
         M, H, W, C_in, Ho, Wo, C_out,
         sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, sw_h, sw_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
@@ -70,6 +71,7 @@ def conv_dgrad_kernel(
         offsets = tl.program_id(0) * C_in + channels
         tl.store(sum_ptr + offsets, tl.sum(grad_pre, axis=0), mask=channel_valid)
         tl.store(sum_x_ptr + offsets, tl.sum(grad_pre * x, axis=0), mask=channel_valid)
+        record_tile_count(tiles_ptr)
         acc = grad_pre * scale[None, :]
     tl.store(grad_x_ptr + rows.to(tl.int64)[:, None] * C_in + channels[None, :],
              acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
@@ -134,25 +136,51 @@ def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None):
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype,
                          memory_format=torch.channels_last)
     prologue = in_scale is not None
-    tiles = triton.cdiv(m, _MIN_BLOCK_M) if prologue else 1
-    sums = [torch.zeros(tiles, c_in, device=x.device, dtype=torch.float32) for _ in range(2)]
+    # Per-tile sums of the scale/shift gradients: [shift, scale] rows of one buffer.
+    sums, tiles = (sum_buffers(2, triton.cdiv(m, _MIN_BLOCK_M), c_in, x.device) if prologue
+                   else ((grad_x, grad_x), grad_x))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))
     tuning.launcher(conv_dgrad_kernel)[grid](
         grad, weight, x, in_scale if prologue else grad_x, in_shift if prologue else grad_x,
-        grad_x, *sums, m, h, w, c_in, ho, wo, c_out, *x.stride(), *weight.stride(),
+        grad_x, sums[0], sums[1], tiles, m, h, w, c_in, ho, wo, c_out, *x.stride(),
+        *weight.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
         DOT_PRECISION=dot_precision(x.dtype))
     if not prologue:
         return grad_x, None, None
-    grad_shift, grad_scale = sums[0].sum(0), sums[1].sum(0)
+    grad_shift, grad_scale = sum_tiles(sums, tiles)
     return grad_x, grad_scale, grad_shift
 
 
-def conv_wgrad(grad, x, weight_shape, stride, in_scale=None, in_shift=None):
-    """dL/dW (fp32, shape ``weight_shape``) of ``fused_conv_forward``. ``grad`` must be
-    channels_last-contiguous."""
+@triton.jit
+def sum_splits_kernel(partial_ptr, out_ptr, SPLITS, C_out, C_in, so_o, so_i, so_h, so_w,
+                      KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr):
+    """out[o, i, kh, kw] = sum over s of partial[s, o, kh * KW + kw, i], splits in order,
+    written in ``out``'s dtype and strides (the weight's). ``partial`` is fp32
+    [SPLITS, C_out, KH * KW, C_in], contiguous; one program per BLOCK of its elements."""
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    size = C_out * KH * KW * C_in
+    valid = index < size
+    total = tl.zeros((BLOCK,), tl.float32)
+    split_ptr = partial_ptr + index  # pointer arithmetic is 64-bit: no index overflow
+    for _ in range(0, SPLITS):
+        total += tl.load(split_ptr, mask=valid, other=0.0)
+        split_ptr += size
+    i = index % C_in
+    tap = (index // C_in) % (KH * KW)
+    o = index // (C_in * KH * KW)
+    tl.store(out_ptr + o * so_o + i * so_i + (tap // KW) * so_h + (tap % KW) * so_w,
+             total.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+_SUM_SPLITS_BLOCK = 1024
+
+
+def conv_wgrad(grad, x, weight, stride, in_scale=None, in_shift=None):
+    """dL/dW of ``fused_conv_forward``, in the dtype and memory layout of ``weight``.
+    ``grad`` must be channels_last-contiguous."""
     n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight_shape
+    c_out, _, kh, kw = weight.shape
     _, _, ho, wo = grad.shape
     m = n * ho * wo
     splits = max(1, triton.cdiv(m, _WGRAD_PIXELS_PER_SPLIT))
@@ -166,4 +194,8 @@ def conv_wgrad(grad, x, weight_shape, stride, in_scale=None, in_shift=None):
         partial, m, h, w, c_in, ho, wo, c_out, triton.cdiv(m, splits), *x.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
         DOT_PRECISION=dot_precision(x.dtype))
-    return partial.sum(0).view(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
+    grad_weight = torch.empty_like(weight)
+    tuning.launcher(sum_splits_kernel)[(triton.cdiv(partial[0].numel(), _SUM_SPLITS_BLOCK),)](
+        partial, grad_weight, splits, c_out, c_in, *grad_weight.stride(), KH=kh, KW=kw,
+        BLOCK=_SUM_SPLITS_BLOCK)
+    return grad_weight

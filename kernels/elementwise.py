@@ -12,7 +12,8 @@ import triton.language as tl
 
 from . import tuning
 from .conv_forward import relu_keeping_nan, tile_indices
-from .statistics import merge, partial_buffers, store_tile_statistics
+from .statistics import (merge, partial_buffers, record_tile_count, store_tile_statistics,
+                         sum_buffers, sum_tiles)
 
 _CONFIGS = tuning.elementwise_configs(("BLOCK_M", "BLOCK_C"))
 _MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
@@ -55,11 +56,11 @@ def bn_add_relu_kernel(a_ptr, a_scale_ptr, a_shift_ptr, r_ptr, r_scale_ptr, r_sh
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "C"],
-                 reset_to_zero=["sum_ptr", "sum_a_ptr", "sum_r_ptr"])
+@triton.autotune(configs=_CONFIGS, key=["M", "C"])
 @triton.jit
 def bn_add_relu_backward_kernel(g_ptr, y_ptr, a_ptr, a_scale_ptr, r_ptr, r_scale_ptr,
-                                grad_a_ptr, grad_r_ptr, sum_ptr, sum_a_ptr, sum_r_ptr, M, C,
+                                grad_a_ptr, grad_r_ptr, sum_ptr, sum_a_ptr, sum_r_ptr,
+                                tiles_ptr, M, C,
                                 RESIDUAL: tl.constexpr, RESIDUAL_AFFINE: tl.constexpr,
                                 RELU: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_C: tl.constexpr):
@@ -78,6 +79,7 @@ def bn_add_relu_backward_kernel(g_ptr, y_ptr, a_ptr, a_scale_ptr, r_ptr, r_scale
     tile = tl.program_id(0) * C + channels
     tl.store(sum_ptr + tile, tl.sum(g, axis=0), mask=channel_valid)
     tl.store(sum_a_ptr + tile, tl.sum(g * a, axis=0), mask=channel_valid)
+    record_tile_count(tiles_ptr)
     tl.store(grad_a_ptr + offsets,
              (g * _per_channel(a_scale_ptr, channels, channel_valid)).to(
                  grad_a_ptr.dtype.element_ty), mask=mask)
@@ -90,37 +92,36 @@ def bn_add_relu_backward_kernel(g_ptr, y_ptr, a_ptr, a_scale_ptr, r_ptr, r_scale
         tl.store(grad_r_ptr + offsets, grad_r.to(grad_r_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "C"],
-                 reset_to_zero=["count_ptr", "mean_ptr", "m2_ptr"])
+@triton.autotune(configs=_CONFIGS, key=["M", "C"])
 @triton.jit
-def channel_statistics_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, C,
+def channel_statistics_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, tiles_ptr, M, C,
                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-tile count/mean/M2 of channels_last-contiguous ``x`` [M, C], one read."""
     rows, channels, row_valid, channel_valid, offsets = _tile(M, C, BLOCK_M, BLOCK_C)
     x = tl.load(x_ptr + offsets, mask=row_valid[:, None] & channel_valid[None, :], other=0.0)
     store_tile_statistics(x.to(tl.float32), row_valid, tl.program_id(0), channels,
-                          channel_valid, count_ptr, mean_ptr, m2_ptr, C)
+                          channel_valid, count_ptr, mean_ptr, m2_ptr, tiles_ptr, C)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "C"])
 @triton.jit
-def statistics_backward_kernel(g_ptr, y_ptr, mean_ptr, slope_ptr, offset_ptr, out_ptr, M, C,
-                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out = g + offset[c] + slope[c] * (y - mean[c]), fp32 math, one rounding.
+def statistics_backward_kernel(g_ptr, y_ptr, mean_ptr, grad_mean_ptr, grad_var_ptr, out_ptr,
+                               M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = g + (grad_mean[c] + 2 grad_var[c] (y - mean[c])) / M, fp32 math, one rounding.
 
-    The gradient of ``y`` when its per-channel mean and biased variance also reach the
-    loss (offset = dL/dmean / count, slope = 2 dL/dvar / count): one read of g and y and
-    one write in the storage dtype, where the same formula in PyTorch is a chain of fp32
-    passes. Centred on the mean before the product, so it stays exact when
-    |mean| >> std. ``g``, ``y``, ``out``: channels_last-contiguous [M, C].
+    The gradient of ``y`` when its per-channel mean and biased variance (over the M
+    pixels) also reach the loss: one read of g and y and one write in the storage dtype,
+    where the same formula in PyTorch is a chain of fp32 passes. Centred on the mean
+    before the product, so it stays exact when |mean| >> std. ``g``, ``y``, ``out``:
+    channels_last-contiguous [M, C].
     """
     rows, channels, row_valid, channel_valid, offsets = _tile(M, C, BLOCK_M, BLOCK_C)
     mask = row_valid[:, None] & channel_valid[None, :]
     y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     centred = y - _per_channel(mean_ptr, channels, channel_valid)
-    out = (tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-           + _per_channel(offset_ptr, channels, channel_valid)
-           + _per_channel(slope_ptr, channels, channel_valid) * centred)
+    statistics_term = (_per_channel(grad_mean_ptr, channels, channel_valid)
+                       + 2.0 * _per_channel(grad_var_ptr, channels, channel_valid) * centred)
+    out = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + statistics_term / M
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -145,8 +146,8 @@ def bn_add_relu_backward(grad, y, a, a_scale, residual=None, r_scale=None, relu=
     """Gradients of :func:`bn_add_relu`: (grad_a, grad_a_scale, grad_a_shift, grad_residual,
     grad_r_scale, grad_r_shift); the residual's are None where it has none."""
     m, c, grid = _rows_and_grid(a)
-    tiles = triton.cdiv(m, _MIN_BLOCK_M)
-    sums = [torch.zeros(tiles, c, device=a.device, dtype=torch.float32) for _ in range(3)]
+    # Per-tile sums [g', g' * a, g' * r] as rows of one buffer.
+    sums, tiles = sum_buffers(3, triton.cdiv(m, _MIN_BLOCK_M), c, a.device)
     grad_a = torch.empty_like(a, memory_format=torch.channels_last)
     grad_r = None if residual is None else torch.empty_like(residual,
                                                             memory_format=torch.channels_last)
@@ -154,18 +155,19 @@ def bn_add_relu_backward(grad, y, a, a_scale, residual=None, r_scale=None, relu=
     tuning.launcher(bn_add_relu_backward_kernel)[grid](
         grad, y, a, a_scale, a if residual is None else residual,
         r_scale if affine else a_scale, grad_a, grad_a if grad_r is None else grad_r, *sums,
-        m, c, RESIDUAL=residual is not None, RESIDUAL_AFFINE=affine, RELU=relu)
-    grad_shift, grad_scale, grad_r_scale = (s.sum(0) for s in sums)
+        tiles, m, c, RESIDUAL=residual is not None, RESIDUAL_AFFINE=affine, RELU=relu)
+    grad_shift, grad_scale, grad_r_scale = sum_tiles(sums, tiles)
     return (grad_a, grad_scale, grad_shift, grad_r,
             grad_r_scale if affine else None, grad_shift.clone() if affine else None)
 
 
-def statistics_backward(grad, y, mean, slope, offset):
+def statistics_backward(grad, y, mean, grad_mean, grad_var):
     """Launch :func:`statistics_backward_kernel`; ``grad`` and ``y`` channels_last-contiguous,
     the result in ``y``'s dtype."""
     m, c, grid = _rows_and_grid(y)
     out = torch.empty_like(y, memory_format=torch.channels_last)
-    tuning.launcher(statistics_backward_kernel)[grid](grad, y, mean, slope, offset, out, m, c)
+    tuning.launcher(statistics_backward_kernel)[grid](grad, y, mean, grad_mean, grad_var, out,
+                                                      m, c)
     return out
 
 

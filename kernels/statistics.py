@@ -1,21 +1,30 @@
 """Per-channel BatchNorm statistics from tiles, merged without cancellation.
 
 Kernels write, for each tile of rows (pixels) and each channel, the row count, the mean
-and M2 (the sum of squared deviations from that mean) of the tile. :func:`merge` combines
-them with Chan et al.'s pairwise formula, which stays exact when |mean| >> std, where a
-plain fp32 sum and sum of squares loses the variance. The merge is a fixed-order torch
-reduction over tiles, so results are deterministic run to run.
+and M2 (the sum of squared deviations from that mean) of the tile, and the number of
+tiles they launched. :func:`merge` combines them with Chan et al.'s pairwise formula,
+which stays exact when |mean| >> std, where a plain fp32 sum and sum of squares loses the
+variance. The merge is one kernel that visits the tiles in a fixed order, so results are
+deterministic run to run; nothing is zeroed beforehand, since it reads only the tiles
+that were written.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
+
+# Tiles the merge combines per step, and channels per merge program.
+_MERGE_TILES = 32
+_MERGE_CHANNELS = 64
+
 
 @triton.jit
 def store_tile_statistics(values, row_valid, tile, channels, channel_valid, count_ptr,
-                          mean_ptr, m2_ptr, num_channels):
-    """Write count, mean and M2 of ``values`` [rows, channels] (fp32) over valid rows."""
+                          mean_ptr, m2_ptr, tiles_ptr, num_channels):
+    """Write count, mean and M2 of ``values`` [rows, channels] (fp32) over valid rows, as
+    row ``tile`` of the partial buffers; tile 0 also writes how many tiles there are."""
     count = tl.sum(row_valid.to(tl.float32), axis=0)
     valid = row_valid[:, None] & channel_valid[None, :]
     mean = tl.sum(tl.where(valid, values, 0.0), axis=0) / tl.maximum(count, 1.0)
@@ -25,17 +34,116 @@ def store_tile_statistics(values, row_valid, tile, channels, channel_valid, coun
     tl.store(count_ptr + offsets, tl.zeros_like(mean) + count, mask=channel_valid)
     tl.store(mean_ptr + offsets, mean, mask=channel_valid)
     tl.store(m2_ptr + offsets, m2, mask=channel_valid)
+    record_tile_count(tiles_ptr)
+
+
+@triton.jit
+def record_tile_count(tiles_ptr):
+    """How many tiles (programs along axis 0) wrote partials, for the reduction that
+    reads them (so that the partial buffers need no zeroing)."""
+    if tl.program_id(0) == 0:
+        tl.store(tiles_ptr, tl.num_programs(0))
+
+
+@triton.jit
+def sum_tiles_kernel(partials_ptr, tiles_ptr, sum0_ptr, sum1_ptr, sum2_ptr, MAX_TILES, C,
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sum<k>[c] = the sum over the first ``tiles`` rows of partials[k, :, c]
+    ([K <= 3, MAX_TILES, C], program axis 1 is k), in a fixed order. Separate outputs:
+    an op may not return views of one tensor."""
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_valid = channels < C
+    base = partials_ptr + tl.program_id(1).to(tl.int64) * MAX_TILES * C
+    tiles = tl.load(tiles_ptr)
+    total = tl.zeros((BLOCK_C,), tl.float32)
+    for first in range(0, tiles, BLOCK_T):
+        rows = first + tl.arange(0, BLOCK_T)
+        mask = (rows < tiles)[:, None] & channel_valid[None, :]
+        total += tl.sum(tl.load(base + rows.to(tl.int64)[:, None] * C + channels[None, :],
+                                mask=mask, other=0.0), axis=0)
+    kind = tl.program_id(1)
+    if kind == 0:
+        tl.store(sum0_ptr + channels, total, mask=channel_valid)
+    elif kind == 1:
+        tl.store(sum1_ptr + channels, total, mask=channel_valid)
+    else:
+        tl.store(sum2_ptr + channels, total, mask=channel_valid)
+
+
+@triton.jit
+def merge_kernel(count_ptr, mean_ptr, m2_ptr, tiles_ptr, merged_mean_ptr, merged_var_ptr, C,
+                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel (mean, biased variance) of the first ``tiles`` rows of the [tiles, C]
+    partials: each block of BLOCK_T tiles is combined in parallel, then merged into the
+    running result with Chan's formula, blocks in order."""
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_valid = channels < C
+    tiles = tl.load(tiles_ptr)
+    count = tl.zeros((BLOCK_C,), tl.float32)
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for first in range(0, tiles, BLOCK_T):
+        rows = first + tl.arange(0, BLOCK_T)
+        mask = (rows < tiles)[:, None] & channel_valid[None, :]
+        offsets = rows.to(tl.int64)[:, None] * C + channels[None, :]
+        tile_count = tl.load(count_ptr + offsets, mask=mask, other=0.0)
+        tile_mean = tl.load(mean_ptr + offsets, mask=mask, other=0.0)
+        block_count = tl.sum(tile_count, axis=0)
+        block_mean = tl.sum(tile_count * tile_mean, axis=0) / tl.maximum(block_count, 1.0)
+        spread = tl.where(mask, tile_mean - block_mean[None, :], 0.0)
+        block_m2 = (tl.sum(tl.load(m2_ptr + offsets, mask=mask, other=0.0), axis=0)
+                    + tl.sum(tile_count * spread * spread, axis=0))
+        total = count + block_count
+        delta = block_mean - mean
+        mean += delta * block_count / tl.maximum(total, 1.0)
+        m2 += block_m2 + delta * delta * count * block_count / tl.maximum(total, 1.0)
+        count = total
+    # An empty input gives NaN, as torch.mean does (no 0 / 0 computed, even in lanes the
+    # store masks: the interpreter warns about those).
+    empty = count == 0
+    tl.store(merged_mean_ptr + channels, tl.where(empty, float("nan"), mean),
+             mask=channel_valid)
+    tl.store(merged_var_ptr + channels,
+             tl.where(empty, float("nan"), m2 / tl.maximum(count, 1.0)), mask=channel_valid)
+
+
+def _tile_count(max_tiles: int, device: torch.device) -> torch.Tensor:
+    # No tile of an empty input writes the count: then it is 0 from the start.
+    return (torch.empty if max_tiles else torch.zeros)(1, device=device, dtype=torch.int32)
 
 
 def partial_buffers(max_tiles: int, channels: int, device: torch.device):
-    """Zeroed (count, mean, M2) buffers of [max_tiles, channels]; unused tiles count 0."""
-    return tuple(torch.zeros(max_tiles, channels, device=device, dtype=torch.float32)
-                 for _ in range(3))
+    """(count, mean, M2) buffers of [max_tiles, channels] and the tile count (int32 [1]),
+    uninitialized: the kernels write each tile they launch and the count."""
+    return (*(torch.empty(max_tiles, channels, device=device, dtype=torch.float32)
+              for _ in range(3)), _tile_count(max_tiles, device))
 
 
-def merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
-    """Per-channel (mean, biased variance) from the per-tile partials."""
-    total = count.sum(0)
-    merged_mean = (count * mean).sum(0) / total
-    merged_m2 = m2.sum(0) + (count * (mean - merged_mean).square()).sum(0)
-    return merged_mean, merged_m2 / total
+def sum_buffers(kinds: int, max_tiles: int, channels: int, device: torch.device):
+    """``kinds`` per-tile sum buffers as one [kinds, max_tiles, channels] tensor and the
+    tile count (int32 [1]), uninitialized as in :func:`partial_buffers`."""
+    return (torch.empty(kinds, max_tiles, channels, device=device, dtype=torch.float32),
+            _tile_count(max_tiles, device))
+
+
+def sum_tiles(partials: torch.Tensor, tiles: torch.Tensor) -> list[torch.Tensor]:
+    """The per-channel sums (fp32 [channels] each) of the tiles written into
+    :func:`sum_buffers`' buffer, one per kind."""
+    kinds, max_tiles, channels = partials.shape
+    sums = [torch.empty(channels, device=partials.device, dtype=torch.float32)
+            for _ in range(kinds)]
+    tuning.launcher(sum_tiles_kernel)[(triton.cdiv(channels, _MERGE_CHANNELS), kinds)](
+        partials, tiles, *(sums + sums[:1] * (3 - kinds)), max_tiles, channels,
+        BLOCK_T=_MERGE_TILES, BLOCK_C=_MERGE_CHANNELS)
+    return sums
+
+
+def merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, tiles: torch.Tensor):
+    """Per-channel (mean, biased variance) from the partials of :func:`partial_buffers`."""
+    channels = count.shape[1]
+    merged_mean, merged_var = (torch.empty(channels, device=count.device,
+                                           dtype=torch.float32) for _ in range(2))
+    tuning.launcher(merge_kernel)[(triton.cdiv(channels, _MERGE_CHANNELS),)](
+        count, mean, m2, tiles, merged_mean, merged_var, channels, BLOCK_T=_MERGE_TILES,
+        BLOCK_C=_MERGE_CHANNELS)
+    return merged_mean, merged_var

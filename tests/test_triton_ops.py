@@ -9,7 +9,9 @@ ERROR_FACTOR of what plain PyTorch makes in the same dtype.
 import pytest
 import torch
 
-from fused_resnet import op_reference, reference
+from fused_resnet import op_reference, reference, triton_ops
+from fused_resnet.kernels import conv_backward, statistics
+from fused_resnet.reference import BatchNormParams, Finalize, normalization
 from fused_resnet.testing import errors_beyond_eager
 from fused_resnet.triton_ops import (triton_bn_add_relu, triton_channel_stats, triton_conv,
                                      triton_conv_dgrad, triton_conv_wgrad,
@@ -80,8 +82,24 @@ def _grads(inputs):
 
 @pytest.mark.parametrize("case, fusion", CONV_PARAMS, ids=str)
 def test_triton_conv_forward_and_backward(case, fusion, device, poisoned_allocations):
+    _check_triton_conv(case, fusion, device)
+
+
+@pytest.mark.parametrize("fusion", ["plain", "prologue_statistics"])
+def test_gpu_size_paths_at_tiny_sizes(fusion, device, poisoned_allocations, monkeypatch):
+    """The paths GPU sizes take, forced at interpreter sizes: wgrad split over several
+    pixel ranges and summed into a channels_last weight gradient, and the statistics
+    and per-tile sums reduced over several blocks of tiles (Chan's merge across blocks).
+    M = 126 pixels: 8 interpreter tiles of 16, 4 merge blocks of 2, 7 wgrad splits."""
+    monkeypatch.setattr(conv_backward, "_WGRAD_PIXELS_PER_SPLIT", 20)
+    monkeypatch.setattr(statistics, "_MERGE_TILES", 2)
+    _check_triton_conv(CONV_CASES[0], fusion, device, torch.channels_last)
+
+
+def _check_triton_conv(case, fusion, device, weight_format=torch.contiguous_format):
     for dtype in _dtypes(device):
         stride, inputs = _conv_inputs(case, dtype, device, fusion)
+        inputs["weight"] = inputs["weight"].contiguous(memory_format=weight_format)
         results = {}
         for name, fn, cast in [("truth", _reference_conv, torch.float64),
                                ("eager", _reference_conv, None),
@@ -161,11 +179,11 @@ def test_statistics_backward_against_fp64(offset_of_mean, device, poisoned_alloc
         y64 = torch.randn(3, 7, 5, 3, device=device, dtype=torch.float64) + offset_of_mean
         grad64 = torch.randn_like(y64)
         mean64 = y64.mean((0, 2, 3))
-        slope64, offset64 = (torch.randn(7, device=device, dtype=torch.float64)
-                             for _ in range(2))
-        truth = op_reference.statistics_backward(grad64, y64, mean64, slope64, offset64)
+        grad_mean64, grad_var64 = (torch.randn(7, device=device, dtype=torch.float64)
+                                   for _ in range(2))
+        truth = op_reference.statistics_backward(grad64, y64, mean64, grad_mean64, grad_var64)
         inputs = [t.to(dtype) for t in (grad64, y64)] + [t.float() for t in (
-            mean64, slope64, offset64)]
+            mean64, grad_mean64, grad_var64)]
         fused = triton_statistics_backward(*inputs)
         eager = op_reference.statistics_backward(*inputs)
         assert fused.dtype == dtype and fused.is_contiguous(memory_format=torch.channels_last)
@@ -242,3 +260,43 @@ def test_statistics_with_an_epilogue_are_refused(device):
     with pytest.raises(ValueError, match="statistics are of the raw conv output"):
         triton_conv(inputs["x"], inputs["weight"], 2, None, None, inputs["out_scale"],
                     inputs["out_shift"], None, False, True)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float16, None])
+def test_bn_finalize_matches_the_reference(affine, momentum, running_dtype, device):
+    """The triton finalize (scale/shift, running statistics, num_batches_tracked, and the
+    gradients of mean, var, weight, bias) against reference.normalization in fp64.
+    running_dtype None: track_running_stats=False; float16: a .half() module's buffers."""
+    channels, count = 1030, 37  # more channels than one program's block of 1024
+    results = {}
+    for name, finalize, dtype in [("truth", Finalize(), torch.float64),
+                                  ("eager", Finalize(), torch.float32),
+                                  ("fused", triton_ops.KERNELS.finalize, torch.float32)]:
+        generator = torch.Generator().manual_seed(1)
+        mean = torch.randn(channels, generator=generator, dtype=torch.float64)
+        var = torch.rand(channels, generator=generator, dtype=torch.float64) + 0.1
+        weight = torch.randn(channels, generator=generator, dtype=torch.float64)
+        bias = torch.randn(channels, generator=generator, dtype=torch.float64)
+        grads = torch.randn(2, channels, generator=generator, dtype=torch.float64)
+        running = [torch.randn(channels, generator=generator, dtype=torch.float64).abs()
+                   for _ in range(2)]
+        tensors = [t.to(device, dtype).requires_grad_() for t in (mean, var, weight, bias)]
+        buffers = (None, None, None) if running_dtype is None else (
+            *[r.to(device, running_dtype if name != "truth" else dtype) for r in running],
+            torch.tensor(3, device=device))
+        bn = BatchNormParams(*(tensors[2:] if affine else (None, None)), *buffers, momentum,
+                             1e-5, True)
+        scale, shift = normalization(bn, count, tuple(tensors[:2]), finalize)
+        ((scale * grads[0].to(device, dtype)).sum()
+         + (shift * grads[1].to(device, dtype)).sum()).backward()
+        results[name] = {"scale": scale.detach(), "shift": shift.detach(),
+                         **{f"grad {i}": t.grad for i, t in enumerate(tensors)
+                            if t.grad is not None}}
+        if running_dtype is not None:
+            results[name].update({"running mean": buffers[0].double(),
+                                  "running var": buffers[1].double(),
+                                  "num_batches_tracked": buffers[2]})
+    assert set(results["fused"]) == set(results["truth"])
+    assert errors_beyond_eager(results["fused"], results["eager"], results["truth"]) == []

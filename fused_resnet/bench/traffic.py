@@ -14,8 +14,9 @@ Counting rules (the same for every contender; benchmarks/README.md explains them
   (``saved_tensors_hooks``), parameters and buffers excluded (they live anyway);
 * peak bytes are the most bytes held at once by storages created during the step.
 
-The project's ops count as one launch each: the kernels and aten calls inside their
-implementations are not seen at this level.
+The project's Triton ops count by what their implementations do: each kernel they
+launch (recorded, not run: its tensor arguments' storages as bytes) and each aten call
+they make besides (the rules above). The C++ ops count as one launch each, by the rules.
 """
 
 from __future__ import annotations
@@ -70,18 +71,40 @@ def _is_launch(func) -> bool:
     return not func.is_view and func._schema.name.split("::")[-1] not in NOT_LAUNCHES
 
 
+def _project_implementations() -> dict[str, Callable]:
+    try:
+        from fused_resnet import triton_ops
+    except ImportError:  # without triton, its ops are not there to count
+        return {}
+    return triton_ops.IMPLEMENTATIONS
+
+
+def _kernel_name(kernel) -> str:
+    while hasattr(kernel, "fn"):  # autotuner -> jit function -> Python function
+        kernel = kernel.fn
+    return kernel.__name__
+
+
 class TrafficCounter(TorchDispatchMode):
     """Counts launches and bytes of every op call, and the live bytes of storages
-    created while it is active (see the module docstring for the rules)."""
+    created while it is active (see the module docstring for the rules).
+
+    The project's Triton ops are counted by what they do: their Python implementation
+    runs on the meta tensors with each kernel launch recorded instead of run (one launch,
+    the storages of its tensor arguments as bytes), so the aten calls they make besides
+    their kernels (buffers, reductions finished in PyTorch, layout copies) count too.
+    Ops without a Python implementation (the C++ ones) count as one launch by the rule.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.launches = 0
         self.bytes = 0
-        self.by_op: dict[str, list[int]] = {}   # op name -> [launches, bytes]
+        self.by_op: dict[str, list[int]] = {}   # op or kernel name -> [launches, bytes]
         self.live_bytes = 0
         self.peak_bytes = 0
         self._tracked: set[int] = set()
+        self._implementations = _project_implementations()
 
     def ignore_storages_of(self, tensors: Iterable[torch.Tensor]) -> None:
         """Storages that exist before the step (parameters, input) are not the step's."""
@@ -103,21 +126,32 @@ class TrafficCounter(TorchDispatchMode):
         self._tracked.discard(key)
         self.live_bytes -= nbytes
 
+    def _count(self, name: str, tensors: list[torch.Tensor]) -> None:
+        moved = sum({_storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
+        self.launches += 1
+        self.bytes += moved
+        entry = self.by_op.setdefault(name, [0, 0])
+        entry[0] += 1
+        entry[1] += moved
+
+    def _record_kernel(self, kernel, args) -> None:
+        self._count(_kernel_name(kernel), _tensors(args))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = _as_cudnn_lays_out(func, args, func(*args, **(kwargs or {})))
+        kwargs = kwargs or {}
+        namespace, name = func._schema.name.split("::")
+        implementation = self._implementations.get(name) if namespace == "fused_resnet" \
+            else None
+        if implementation is not None:
+            from fused_resnet.kernels import tuning
+            with tuning.launches_recorded(self._record_kernel), self:
+                return implementation(*args, **kwargs)
+        out = _as_cudnn_lays_out(func, args, func(*args, **kwargs))
         outputs = _tensors(out)
         for t in outputs:
             self._track(t)
         if _is_launch(func):
-            storages = {_storage_key(t): t.untyped_storage().nbytes()
-                        for t in _tensors((args, kwargs)) + outputs}
-            moved = sum(storages.values())
-            self.launches += 1
-            self.bytes += moved
-            name = func._schema.name.split("::")[-1]
-            entry = self.by_op.setdefault(name, [0, 0])
-            entry[0] += 1
-            entry[1] += moved
+            self._count(name, _tensors((args, kwargs)) + outputs)
         return out
 
 

@@ -1,0 +1,164 @@
+"""The BatchNorm finalize: per-channel vectors only, one launch each.
+
+From a BN's batch statistics to the (scale, shift) its consumers apply (with, in
+training, the running-statistics update and ``num_batches_tracked`` in the same launch),
+and the backward of that step. In PyTorch each is a chain of five to ten
+tiny ops per BatchNorm (about 1,000 launches per ResNet-50 training step); here each is
+one kernel over the channels. fp32 math; parameters and running statistics are read and
+written in their own dtype (``.half()`` modules included).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tuning
+
+# Channels per program: ResNet-50's widest BN (2048 channels) takes two programs.
+_BLOCK = 1024
+
+
+@triton.jit
+def _channels(C, BLOCK: tl.constexpr):
+    channels = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return channels, channels < C
+
+
+@triton.jit
+def _inverse_std(var_ptr, channels, valid, eps):
+    var = tl.load(var_ptr + channels, mask=valid, other=1.0).to(tl.float32)
+    # Correctly rounded sqrt and division (not rsqrt.approx), as torch.rsqrt's CPU result.
+    return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def _scale_shift(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, channels,
+                 valid, eps, WEIGHT: tl.constexpr, BIAS: tl.constexpr):
+    scale = _inverse_std(var_ptr, channels, valid, eps)
+    if WEIGHT:
+        scale *= tl.load(weight_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+    shift = -tl.load(mean_ptr + channels, mask=valid, other=0.0).to(tl.float32) * scale
+    if BIAS:
+        shift += tl.load(bias_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+    tl.store(scale_ptr + channels, scale, mask=valid)
+    tl.store(shift_ptr + channels, shift, mask=valid)
+
+
+@triton.jit
+def bn_scale_shift_kernel(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, C,
+                          eps, WEIGHT: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """scale = weight / sqrt(var + eps), shift = bias - mean * scale, per channel [C]."""
+    channels, valid = _channels(C, BLOCK)
+    _scale_shift(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, channels,
+                 valid, eps, WEIGHT, BIAS)
+
+
+@triton.jit
+def bn_scale_shift_backward_kernel(grad_scale_ptr, grad_shift_ptr, mean_ptr, var_ptr,
+                                   weight_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr,
+                                   grad_bias_ptr, C, eps, WEIGHT: tl.constexpr,
+                                   BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """Gradients of :func:`bn_scale_shift_kernel`'s inputs from those of scale and shift:
+    with rstd = (var + eps)^(-1/2) and g = dL/dscale - dL/dshift * mean (the part of
+    dL/dscale that reaches it through shift included),
+    dL/dmean = -dL/dshift * scale, dL/dvar = -g * weight * rstd^3 / 2,
+    dL/dweight = g * rstd, dL/dbias = dL/dshift; [C] each, in the inputs' dtypes."""
+    channels, valid = _channels(C, BLOCK)
+    rstd = _inverse_std(var_ptr, channels, valid, eps)
+    weight = tl.full([BLOCK], 1.0, tl.float32)
+    if WEIGHT:
+        weight = tl.load(weight_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+    grad_shift = tl.load(grad_shift_ptr + channels, mask=valid, other=0.0)
+    mean = tl.load(mean_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+    through_scale = tl.load(grad_scale_ptr + channels, mask=valid, other=0.0) - grad_shift * mean
+    tl.store(grad_mean_ptr + channels, -grad_shift * weight * rstd, mask=valid)
+    tl.store(grad_var_ptr + channels, through_scale * weight * -0.5 * rstd * rstd * rstd,
+             mask=valid)
+    if WEIGHT:
+        tl.store(grad_weight_ptr + channels,
+                 (through_scale * rstd).to(grad_weight_ptr.dtype.element_ty), mask=valid)
+    if BIAS:
+        tl.store(grad_bias_ptr + channels, grad_shift.to(grad_bias_ptr.dtype.element_ty),
+                 mask=valid)
+
+
+@triton.jit
+def _blend(batch_ptr, running_ptr, channels, valid, factor, correction):
+    batch = tl.load(batch_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+    running = tl.load(running_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+    updated = running * (1.0 - factor) + batch * correction * factor
+    tl.store(running_ptr + channels, updated.to(running_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def bn_train_finalize_kernel(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
+                             running_mean_ptr, running_var_ptr, batches_ptr, C, eps, momentum,
+                             unbias, WEIGHT: tl.constexpr, BIAS: tl.constexpr,
+                             RUNNING: tl.constexpr, COUNTED: tl.constexpr,
+                             CUMULATIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """A training BatchNorm's whole finalize in one program: ``num_batches_tracked`` + 1;
+    (scale, shift) as :func:`bn_scale_shift_kernel`; running = (1 - factor) * running +
+    factor * batch with the unbiased variance var * unbias (unbias = count / (count - 1)),
+    factor = momentum, or 1 / num_batches_tracked for the cumulative average. One
+    program, so that every channel reads the count before it is written."""
+    factor = momentum
+    if COUNTED:
+        batches = tl.load(batches_ptr) + 1
+        tl.store(batches_ptr, batches)
+        if CUMULATIVE:
+            factor = 1.0 / batches.to(tl.float32)
+    for start in range(0, C, BLOCK):
+        channels = start + tl.arange(0, BLOCK)
+        valid = channels < C
+        _scale_shift(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, channels,
+                     valid, eps, WEIGHT, BIAS)
+        if RUNNING:
+            _blend(mean_ptr, running_mean_ptr, channels, valid, factor, 1.0)
+            _blend(var_ptr, running_var_ptr, channels, valid, factor, unbias)
+
+
+def _grid(c: int) -> tuple[int]:
+    return (triton.cdiv(c, _BLOCK),)
+
+
+def bn_scale_shift(mean, var, weight, bias, eps):
+    """Launch :func:`bn_scale_shift_kernel`: (scale, shift), fp32 [C] (mean and var may be
+    running statistics in a lower precision)."""
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    scale, shift = (torch.empty_like(mean, dtype=dtype) for _ in range(2))
+    c = mean.numel()
+    tuning.launcher(bn_scale_shift_kernel)[_grid(c)](
+        mean, var, mean if weight is None else weight, mean if bias is None else bias, scale,
+        shift, c, eps, WEIGHT=weight is not None, BIAS=bias is not None, BLOCK=_BLOCK)
+    return scale, shift
+
+
+def bn_scale_shift_backward(grad_scale, grad_shift, mean, var, weight, bias, eps):
+    """Launch :func:`bn_scale_shift_backward_kernel`: (grad_mean, grad_var, grad_weight,
+    grad_bias), the last two None without weight or bias."""
+    grad_mean, grad_var = torch.empty_like(mean), torch.empty_like(mean)
+    grad_weight = None if weight is None else torch.empty_like(weight)
+    grad_bias = None if bias is None else torch.empty_like(bias)
+    c = mean.numel()
+    tuning.launcher(bn_scale_shift_backward_kernel)[_grid(c)](
+        grad_scale, grad_shift, mean, var, mean if weight is None else weight, grad_mean,
+        grad_var, grad_mean if grad_weight is None else grad_weight,
+        grad_mean if grad_bias is None else grad_bias, c, eps, WEIGHT=weight is not None,
+        BIAS=bias is not None, BLOCK=_BLOCK)
+    return grad_mean, grad_var, grad_weight, grad_bias
+
+
+def bn_train_finalize(mean, var, weight, bias, eps, running_mean, running_var,
+                      num_batches_tracked, momentum, count):
+    """Launch :func:`bn_train_finalize_kernel`: (scale, shift), fp32 [C]; updates the
+    running statistics and ``num_batches_tracked`` (each may be None)."""
+    scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+    tuning.launcher(bn_train_finalize_kernel)[(1,)](
+        mean, var, mean if weight is None else weight, mean if bias is None else bias, scale,
+        shift, mean if running_mean is None else running_mean,
+        var if running_var is None else running_var,
+        mean if num_batches_tracked is None else num_batches_tracked, mean.numel(), eps,
+        0.0 if momentum is None else momentum, count / (count - 1),
+        WEIGHT=weight is not None, BIAS=bias is not None, RUNNING=running_mean is not None,
+        COUNTED=num_batches_tracked is not None, CUMULATIVE=momentum is None, BLOCK=_BLOCK)
+    return scale, shift
