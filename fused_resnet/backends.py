@@ -107,25 +107,28 @@ def _cuda_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optional[
     load_error = extension.load_error()
     if load_error is not None:
         return f"the C++/CUDA extension fused_resnet._C is not available ({load_error})"
-    # The device first: on the CPU no other change would make the cuda backend run.
+    # Every reason at once, the device first: fixing one and then meeting the next
+    # (a dtype, then the device) is what a user of an fp32 CPU model would otherwise get.
+    reasons = []
     if x.device.type not in _FUSED_DEVICES[1:]:
-        return f"the input is on {x.device}, the cuda backend needs CUDA tensors"
-    if x.dtype not in _CUDA_DTYPES:
-        return (f"the input dtype is {x.dtype}; the cuda backend's CUTLASS tensor-core "
-                "kernels take float16 and bfloat16 (use autocast or .half()/.bfloat16())")
+        reasons.append(f"the input is on {x.device}, the cuda backend needs CUDA tensors")
     weights = conv_weights(arguments)
     mismatched = [w.dtype for w in weights if w.dtype != x.dtype]
-    if mismatched:
-        return f"the input is {x.dtype} but conv weights are {mismatched[0]}"
+    if x.dtype not in _CUDA_DTYPES:
+        reasons.append(f"the input dtype is {x.dtype}; the cuda backend's CUTLASS "
+                       "tensor-core kernels take float16 and bfloat16 (use autocast or "
+                       ".half()/.bfloat16())")
+    elif mismatched:
+        reasons.append(f"the input is {x.dtype} but conv weights are {mismatched[0]}")
     channels = sorted({x.shape[1]} | {c for w in weights for c in w.shape[:2]})
     odd = [c for c in channels if c % _CUDA_CHANNEL_MULTIPLE]
     if odd:
-        return (f"channel counts {odd} are not multiples of {_CUDA_CHANNEL_MULTIPLE}, "
-                "which the CUTLASS kernels need")
+        reasons.append(f"channel counts {odd} are not multiples of "
+                       f"{_CUDA_CHANNEL_MULTIPLE}, which the CUTLASS kernels need")
     if for_auto:
-        return ("the cuda backend has not yet run its GPU test suite on real hardware "
-                "(issue #4); ask for backend='cuda' explicitly to use it")
-    return None
+        reasons.append("the cuda backend has not yet run its GPU test suite on real "
+                       "hardware (issue #4); ask for backend='cuda' explicitly to use it")
+    return "; ".join(reasons) or None
 
 
 BACKENDS = {

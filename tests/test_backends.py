@@ -43,8 +43,10 @@ def test_explicit_triton_refuses_mismatched_weights(block):
 
 def test_explicit_cuda_says_why_it_cannot_run_a_cpu_tensor(block):
     block.backend = "cuda"
-    # An fp32 CPU model: the device is what to change first, not the dtype.
-    reason = ("the input is on cpu" if extension.load_error() is None
+    # An fp32 CPU model: the device first, and the dtype in the same message, so that
+    # fixing one does not just reveal the other.
+    reason = ("the input is on cpu, the cuda backend needs CUDA tensors; the input dtype "
+              "is torch.float32" if extension.load_error() is None
               else "fused_resnet._C is not available")
     with pytest.raises(fused_resnet.BackendUnavailableError,
                        match=f"backend='cuda' cannot run BasicBlock: .*{reason}"):
