@@ -5,17 +5,22 @@ graph breaks and ``torch.library.opcheck`` applies.
 On GPUs the ops are ``triton_op``s, which ``torch.compile`` traces into (so Inductor sees
 the kernels). Under ``TRITON_INTERPRET=1`` they are opaque ``custom_op``s instead, which
 launch the interpreted kernels directly (``kernels.tuning.launcher``): traced into, they
-would run on the fake tensors of tracing. Either way each op has an explicit fake (shape-only) implementation.
+would run on the fake tensors of tracing. Either way each op has an explicit fake
+(shape-only) implementation.
 
 Forward ops and what they fuse:
-  triton_conv           y = epilogue(conv(prologue(x), W)) [+ batch statistics of y]
-  triton_bn_add_relu    y = [relu](a * sa + ba [+ r [* sr + br]])
-  triton_channel_stats  per-channel mean and biased variance
+  triton_conv               y = epilogue(conv(prologue(x), W)) [+ batch statistics of y]
+  triton_bn_add_relu        y = [relu](a * sa + ba [+ r [* sr + br]])
+  triton_channel_stats      per-channel mean and biased variance
+  triton_bn_scale_shift     a BN's statistics to the scale/shift its consumers apply
+  triton_bn_train_finalize  the same in training, with the running statistics updated
 Their backward passes are ops too (triton_conv_dgrad, triton_conv_wgrad,
-triton_statistics_backward, triton_bn_add_relu_backward). The fakes and the conv and statistics autograd formulas are
-shared with the cuda backend (:mod:`fused_resnet.op_support`); the plain-PyTorch meaning of
-each op is in :mod:`fused_resnet.reference` (``fused_conv``, ``conv_dgrad``, ``conv_wgrad``,
-``scale_shift_add_relu``, ``batch_statistics``).
+triton_statistics_backward, triton_bn_add_relu_backward, triton_bn_scale_shift_backward).
+The fakes and the conv and statistics autograd formulas are shared with the cuda backend
+(:mod:`fused_resnet.op_support`); the plain-PyTorch meaning of each op is in
+:mod:`fused_resnet.reference` and :mod:`fused_resnet.op_reference` (``fused_conv``,
+``conv_dgrad``, ``conv_wgrad``, ``statistics_backward``, ``scale_shift_add_relu``,
+``batch_statistics``, ``normalization``).
 """
 
 from __future__ import annotations
@@ -286,11 +291,7 @@ class _TrainFinalize(torch.autograd.Function):
         return _bn_scale_shift_backward(ctx, grad_scale, grad_shift) + (None,) * 5
 
 
-def _train_finalize(*args) -> tuple[Tensor, Tensor]:
-    return _TrainFinalize.apply(*args)
-
-
 KERNELS = Kernels(conv=triton_conv, bn_add_relu=triton_bn_add_relu,
                   channel_stats=triton_channel_stats,
                   finalize=Finalize(scale_shift=triton_bn_scale_shift,
-                                    training=_train_finalize))
+                                    training=_TrainFinalize.apply))
