@@ -4,7 +4,7 @@ a CPU). ``python -m fused_resnet.bench --traffic``.
 
 Counting rules (the same for every contender; benchmarks/README.md explains them):
 
-* a launch is every op call that reaches the dispatcher, aten or the project's own ops
+* a launch is every op call that reaches the dispatcher, aten or the project's C++ ops
   (through their fake implementations), except views and metadata ops
   (:data:`NOT_LAUNCHES`: no kernel runs) and allocations without initialization
   (``empty*``);
@@ -52,11 +52,16 @@ def _is_channels_last(t: torch.Tensor) -> bool:
 
 
 def _as_cudnn_lays_out(func, args, out):
-    if (func._schema.name.split("::")[-1] not in _CUDNN_LAYOUT_OPS
+    if (_op_name(func) not in _CUDNN_LAYOUT_OPS
             or not any(_is_channels_last(t) for t in _tensors(args))):
         return out
     return tree_map(lambda t: t.contiguous(memory_format=torch.channels_last)
                     if isinstance(t, torch.Tensor) and t.dim() == 4 else t, out)
+
+
+def _op_name(func) -> str:
+    """The op's name without its namespace (``convolution``, ``triton_conv``)."""
+    return func._schema.name.split("::")[-1]
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -68,7 +73,7 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 
 def _is_launch(func) -> bool:
-    return not func.is_view and func._schema.name.split("::")[-1] not in NOT_LAUNCHES
+    return not func.is_view and _op_name(func) not in NOT_LAUNCHES
 
 
 def _project_implementations() -> dict[str, Callable]:
