@@ -10,7 +10,6 @@ from .conv_forward import dot_precision, relu_keeping_nan, split_pixel_index, ti
 from .statistics import record_tile_count, sum_buffers, sum_tiles
 
 _CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-_MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
 # wgrad reduces over every output pixel; splitting that reduction over this many pixels
 # per program keeps the GPU busy when C_out * C_in is small (and stays deterministic:
 # the splits are summed in a fixed order).
@@ -137,8 +136,8 @@ def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None):
                          memory_format=torch.channels_last)
     prologue = in_scale is not None
     # Per-tile sums of the scale/shift gradients: [shift, scale] rows of one buffer.
-    sums, tiles = (sum_buffers(2, triton.cdiv(m, _MIN_BLOCK_M), c_in, x.device) if prologue
-                   else ((grad_x, grad_x), grad_x))
+    sums, tiles = (sum_buffers(2, tuning.max_tiles(conv_dgrad_kernel, m), c_in, x.device)
+                   if prologue else ((grad_x, grad_x), grad_x))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))
     tuning.launcher(conv_dgrad_kernel)[grid](
         grad, weight, x, in_scale if prologue else grad_x, in_shift if prologue else grad_x,

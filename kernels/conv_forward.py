@@ -8,7 +8,6 @@ from .statistics import merge, partial_buffers, store_tile_statistics
 from . import tuning
 
 _CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
 
 
 @triton.jit
@@ -118,8 +117,8 @@ def fused_conv_forward(x, weight, stride, in_scale=None, in_shift=None, out_scal
     y = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last)
     dummy = y  # stands in for absent optional pointers; never read (constexpr flags)
-    partials = (partial_buffers(triton.cdiv(m, MIN_BLOCK_M), c_out, x.device) if statistics
-                else (dummy,) * 4)
+    partials = (partial_buffers(tuning.max_tiles(fused_conv_forward_kernel, m), c_out,
+                                x.device) if statistics else (dummy,) * 4)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
     tuning.launcher(fused_conv_forward_kernel)[grid](
         x, weight, y,

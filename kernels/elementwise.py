@@ -16,7 +16,6 @@ from .statistics import (merge, partial_buffers, record_tile_count, store_tile_s
                          sum_buffers, sum_tiles)
 
 _CONFIGS = tuning.elementwise_configs(("BLOCK_M", "BLOCK_C"))
-_MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
 
 
 @triton.jit
@@ -147,7 +146,8 @@ def bn_add_relu_backward(grad, y, a, a_scale, residual=None, r_scale=None, relu=
     grad_r_scale, grad_r_shift); the residual's are None where it has none."""
     m, c, grid = _rows_and_grid(a)
     # Per-tile sums [g', g' * a, g' * r] as rows of one buffer.
-    sums, tiles = sum_buffers(3, triton.cdiv(m, _MIN_BLOCK_M), c, a.device)
+    sums, tiles = sum_buffers(3, tuning.max_tiles(bn_add_relu_backward_kernel, m), c,
+                               a.device)
     grad_a = torch.empty_like(a, memory_format=torch.channels_last)
     grad_r = None if residual is None else torch.empty_like(residual,
                                                             memory_format=torch.channels_last)
@@ -174,6 +174,6 @@ def statistics_backward(grad, y, mean, grad_mean, grad_var):
 def channel_statistics(x):
     """Per-channel (mean, biased variance) of channels_last-contiguous ``x``, fp32."""
     m, c, grid = _rows_and_grid(x)
-    partials = partial_buffers(triton.cdiv(m, _MIN_BLOCK_M), c, x.device)
+    partials = partial_buffers(tuning.max_tiles(channel_statistics_kernel, m), c, x.device)
     tuning.launcher(channel_statistics_kernel)[grid](x, *partials, m, c)
     return merge(*partials)

@@ -1,8 +1,8 @@
 """Tile configurations shared by the kernels.
 
-Under ``TRITON_INTERPRET=1`` (CPU, CI) every kernel runs one small fixed configuration:
-the interpreter is slow and benchmarking there means nothing. On GPUs the autotuner picks
-among the listed configurations once per distinct key and caches the choice.
+On GPUs the autotuner picks among the listed configurations once per distinct key and
+caches the choice. Under ``TRITON_INTERPRET=1`` (CPU, CI) each kernel runs one of them
+shrunk to CPU size, where benchmarking would mean nothing; the tests run every one.
 """
 
 import contextlib
@@ -52,21 +52,59 @@ class _RecordingLauncher:
         return lambda *args, **kwargs: self.record(self.kernel, args)
 
 
+# The tile shapes the autotuner chooses among on a GPU: (rows, columns, depth, num_warps,
+# num_stages) of the GEMM-shaped kernels, (rows, channels, num_warps, num_stages) of the
+# tiled elementwise ones.
+GEMM_SHAPES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+               (64, 64, 32, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3)]
+ELEMENTWISE_SHAPES = [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3)]
+# Under the interpreter every GPU shape shrinks by this factor in each dimension, so that
+# each can run at CPU sizes (tests run them all: see every_gemm_config). The one
+# run by default is non-square and differs in every dimension (32 x 16 x 8 and 32 x 8),
+# so that a mix-up of two tile sizes changes the result instead of running the same code.
+_SHRINK = 4
+_INTERPRETER_GEMM_DEFAULT = 1
+_INTERPRETER_ELEMENTWISE_DEFAULT = 1
+
+
+def _configs(names: tuple[str, ...], shapes: list[tuple[int, ...]],
+             shrink: int = 1) -> list[triton.Config]:
+    configs = []
+    for shape in shapes:
+        *tile, num_warps, num_stages = shape
+        configs.append(triton.Config({name: size // shrink for name, size in zip(names, tile)},
+                                     num_warps=num_warps, num_stages=num_stages))
+    return configs
+
+
+def every_gemm_config(names: tuple[str, str, str]) -> list[triton.Config]:
+    """Every configuration the autotuner may pick for a GEMM-shaped kernel whose tile sizes
+    are called ``names``; under the interpreter each shrunk to CPU size."""
+    return _configs(names, GEMM_SHAPES, _SHRINK if INTERPRETED else 1)
+
+
+def every_elementwise_config(names: tuple[str, str]) -> list[triton.Config]:
+    """Every configuration the autotuner may pick for a (rows, channels) tiled kernel;
+    under the interpreter each shrunk to CPU size."""
+    return _configs(names, ELEMENTWISE_SHAPES, _SHRINK if INTERPRETED else 1)
+
+
 def gemm_configs(names: tuple[str, str, str]) -> list[triton.Config]:
-    """Configurations for a GEMM-shaped kernel whose tile sizes are called ``names``."""
-    m, n, k = names
-    if INTERPRETED:
-        return [triton.Config({m: 16, n: 16, k: 16}, num_warps=1)]
-    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-              (64, 64, 32, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3)]
-    return [triton.Config({m: bm, n: bn, k: bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+    """The configurations a GEMM-shaped kernel is autotuned over (one under the
+    interpreter, where benchmarking means nothing)."""
+    configs = every_gemm_config(names)
+    return [configs[_INTERPRETER_GEMM_DEFAULT]] if INTERPRETED else configs
 
 
 def elementwise_configs(names: tuple[str, str]) -> list[triton.Config]:
-    """Configurations for a (rows, channels) tiled elementwise or reduction kernel."""
-    rows, channels = names
-    if INTERPRETED:
-        return [triton.Config({rows: 16, channels: 16}, num_warps=1)]
-    return [triton.Config({rows: r, channels: c}, num_warps=w)
-            for r, c, w in [(64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8)]]
+    """The configurations a (rows, channels) tiled elementwise or reduction kernel is
+    autotuned over (one under the interpreter)."""
+    configs = every_elementwise_config(names)
+    return [configs[_INTERPRETER_ELEMENTWISE_DEFAULT]] if INTERPRETED else configs
+
+
+def max_tiles(kernel, rows: int, name: str = "BLOCK_M") -> int:
+    """The most programs ``kernel`` can launch along ``rows`` with any configuration it
+    may run (its smallest ``name`` tile): the size of per-tile partial buffers, read from
+    the kernel's configurations at call time so that they follow any that tests set."""
+    return triton.cdiv(rows, min(config.kwargs[name] for config in kernel.configs))

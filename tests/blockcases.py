@@ -10,7 +10,7 @@ from torch import nn
 
 import fused_resnet
 from fused_resnet import plain
-from fused_resnet.testing import errors_beyond_eager
+from fused_resnet.testing import errors_beyond_eager_in_most_draws
 
 LAYOUTS = ["contiguous", "channels_last", "non_contiguous"]
 
@@ -110,24 +110,35 @@ def block_input(case, batch: int, h: int, w: int, device, layout: str) -> torch.
     return x[..., ::2] if layout == "non_contiguous" else x[..., :w]
 
 
-def compare_with_reference(case, dtype: torch.dtype, device, layout: str, backend: str) -> None:
+def compare_with_reference(case, dtype: torch.dtype, device, layout: str, backend: str,
+                           draws: int = 3) -> None:
     """A block of ``case`` cast to ``dtype`` on ``backend`` against the reference in fp64,
     within eager's error in ``dtype``: two training steps (batch 3 and 2, odd H and W), a
     frozen-BN step (eval with gradients, batch 1) and a no-grad inference step; outputs,
-    input and parameter gradients, running statistics; the output in the input's layout."""
-    block = build_plain(case).to(device)
-    steps = [(block_input(case, 3, 7, 5, device, layout), "train"),
-             (block_input(case, 2, 5, 3, device, layout), "train"),
-             (block_input(case, 1, 5, 7, device, layout), "eval"),     # frozen BN
-             (block_input(case, 3, 7, 5, device, layout), "no_grad")]  # folded BN
-    def run(copy_dtype, on):
-        return run_steps(fused_resnet.convert(copy.deepcopy(block).to(copy_dtype), backend=on),
-                         steps)
-    truth, eager = run(torch.float64, "reference"), run(dtype, "reference")
-    fused = run(dtype, backend)
-    for index in range(len(steps)):
-        out = fused[f"{index} output"]
-        assert out.dtype == dtype
-        assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
-                                 else torch.contiguous_format)
-    assert errors_beyond_eager(fused, eager, truth) == []
+    input and parameter gradients, running statistics; the output in the input's layout.
+
+    Judged over ``draws`` blocks and inputs, a tensor failing in most of them (see
+    ``errors_beyond_eager_in_most_draws``): the blocks have 3 to 12 channels, and the RMS
+    error of a 3-element gradient is too noisy an estimate for one draw (bottleneck, 3
+    channels, fp32, 8 seeds: the worst tensor's error is 2-7x eager's with tiles of
+    16x16x16 as with 32x16x8, the median 0.9-1.2x)."""
+    results = []
+    for _ in range(draws):
+        block = build_plain(case).to(device)
+        steps = [(block_input(case, 3, 7, 5, device, layout), "train"),
+                 (block_input(case, 2, 5, 3, device, layout), "train"),
+                 (block_input(case, 1, 5, 7, device, layout), "eval"),     # frozen BN
+                 (block_input(case, 3, 7, 5, device, layout), "no_grad")]  # folded BN
+
+        def run(copy_dtype, on):
+            return run_steps(fused_resnet.convert(copy.deepcopy(block).to(copy_dtype),
+                                                  backend=on), steps)
+        truth, eager = run(torch.float64, "reference"), run(dtype, "reference")
+        fused = run(dtype, backend)
+        for index in range(len(steps)):
+            out = fused[f"{index} output"]
+            assert out.dtype == dtype
+            assert out.is_contiguous(memory_format=torch.channels_last
+                                     if layout == "channels_last" else torch.contiguous_format)
+        results.append((fused, eager, truth))
+    assert errors_beyond_eager_in_most_draws(results) == []

@@ -1,28 +1,51 @@
 """The compiled extension fused_resnet._C: build, registration, the CPU and CUDA kernels."""
 
-import os
-import shutil
+import importlib.util
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from fused_resnet import cuda_ops, extension, reference
 
-_NVCC = shutil.which("nvcc") or os.path.exists(
-    os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
-_BUILD_REQUESTED = os.environ.get("FUSED_RESNET_BUILD_CUDA", "auto") != "0"
+CSRC = Path(__file__).parent.parent / "csrc"
+# Where the installed package has it: a module built from csrc/, or nothing when it was
+# installed without the extension (FUSED_RESNET_BUILD_CUDA=0, or no matching nvcc).
+_INSTALLED = importlib.util.find_spec("fused_resnet._C")
 
 requires_extension = pytest.mark.skipif(
     extension.load_error() is not None,
     reason=f"fused_resnet._C is not built: {extension.load_error()}")
 
 
-@pytest.mark.skipif(not (_NVCC and _BUILD_REQUESTED),
-                    reason="nvcc is absent or FUSED_RESNET_BUILD_CUDA=0: no extension expected")
-def test_extension_is_built_and_loaded_where_nvcc_exists():
+def _registrations_in_sources() -> dict[str, set[str]]:
+    """{dispatch key: op names} of every TORCH_LIBRARY(_IMPL) block in csrc/ ("schema"
+    for the op definitions)."""
+    found: dict[str, set[str]] = {}
+    for source in CSRC.glob("*.c*"):
+        text = source.read_text()
+        for match in re.finditer(r"TORCH_LIBRARY(?:_IMPL)?\(fused_resnet(?:, (\w+))?, m\) \{"
+                                 r"(.*?)\n\}", text, re.S):
+            names = re.findall(r'm\.(?:def|impl)\("(\w+)', match.group(2))
+            found.setdefault(match.group(1) or "schema", set()).update(names)
+    return found
+
+
+@pytest.mark.skipif(_INSTALLED is None,
+                    reason="this install of fused_resnet has no _C (installed without it)")
+def test_the_installed_extension_loads_with_every_op_its_sources_register():
     assert extension.load_error() is None
-    assert hasattr(torch.ops.fused_resnet, "scale_shift_add_relu")
+    registrations = _registrations_in_sources()
+    assert registrations["schema"] >= registrations["CPU"] | registrations["CUDA"]
+    undefined = [name for name in registrations["schema"]
+                 if not hasattr(torch.ops.fused_resnet, name)]
+    assert undefined == []
+    for key in ("CPU", "CUDA"):
+        missing = [name for name in registrations[key] if not
+                   torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{name}", key)]
+        assert missing == [], f"no {key} kernel for {missing}"
 
 
 def test_a_missing_extension_is_explained_and_the_cuda_backend_refuses(monkeypatch):

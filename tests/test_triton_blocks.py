@@ -61,28 +61,3 @@ def test_resnet50_training_step_within_eager_error(name, backend, dtype):
     fused_model = fused_resnet.convert(model.to(dtype), backend=backend)
     fused = train_and_eval_step(fused_model, images.to(dtype))
     assert errors_beyond_eager(fused, eager, truth) == []
-
-
-def test_triton_model_compiles_fullgraph_and_matches_eager(device):
-    torch._dynamo.reset()
-    # A projection block then an identity block, as a ResNet stage.
-    block = torch.nn.Sequential(build_plain(BLOCK_CASES[1]),
-                                build_plain(("basic", 7, 7, 1, False))).to(device)
-    eager = fused_resnet.convert(block, backend="triton")
-    compiled_block = fused_resnet.convert(block, backend="triton")
-    compiled = torch.compile(compiled_block, fullgraph=True)
-    x = torch.randn(3, 5, 7, 5, device=device)
-    for mode in ("train", "eval"):
-        eager.train(mode == "train")
-        compiled_block.train(mode == "train")
-        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
-        expected, actual = eager(x_eager), compiled(x_compiled)
-        expected.sum().backward()
-        actual.sum().backward()
-        torch.testing.assert_close(actual, expected, msg=mode)
-        torch.testing.assert_close(x_compiled.grad, x_eager.grad, msg=mode)
-        for (name, a), (_, b) in zip(compiled_block.named_parameters(),
-                                     eager.named_parameters()):
-            torch.testing.assert_close(a.grad, b.grad, msg=f"{mode}: grad {name}")
-        for (name, a), (_, b) in zip(compiled_block.named_buffers(), eager.named_buffers()):
-            torch.testing.assert_close(a, b, msg=f"{mode}: {name}")

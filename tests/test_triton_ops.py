@@ -9,119 +9,25 @@ ERROR_FACTOR of what plain PyTorch makes in the same dtype.
 import pytest
 import torch
 
-from fused_resnet import op_reference, reference, triton_ops
-from fused_resnet.kernels import conv_backward, statistics
+from fused_resnet import triton_ops
+from fused_resnet.kernels import batch_norm_finalize
 from fused_resnet.reference import BatchNormParams, Finalize, normalization
 from fused_resnet.testing import errors_beyond_eager
 from fused_resnet.triton_ops import (triton_bn_add_relu, triton_channel_stats, triton_conv,
                                      triton_conv_dgrad, triton_conv_wgrad,
                                      triton_statistics_backward)
+from opcases import (CONV_CASES, FUSIONS, STEM_CASE, check_bn_add_relu,
+                     check_channel_statistics, check_statistics_backward, check_triton_conv,
+                     conv_inputs, conv_results, cross_reduction_thresholds,
+                     triton_conv_outputs)
 
-# (batch, C_in, H, W, C_out, kernel, stride): odd sizes, channels not multiples of the
-# 16-wide interpreter tile, stride 2, 1x1, 3x3 and the 7x7 stem.
-CONV_CASES = [
-    (2, 5, 7, 9, 6, 3, 1),
-    (3, 5, 7, 9, 7, 3, 2),
-    (1, 4, 5, 5, 9, 1, 2),
-    (2, 17, 6, 6, 4, 1, 1),
-]
-STEM_CASE = (1, 3, 7, 7, 4, 7, 2)  # slow under the interpreter: 49 taps; tested unfused
-FUSIONS = ["plain", "prologue_statistics", "epilogue"]
 CONV_PARAMS = [(case, fusion) for case in CONV_CASES for fusion in FUSIONS] + [
     (STEM_CASE, "plain")]
 
 
-def _dtypes(device):
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
-
-
-def _conv_inputs(case, dtype, device, fusion):
-    n, c_in, h, w, c_out, k, stride = case
-    x = torch.randn(n, c_in, h, w, device=device).to(dtype)
-    inputs = {"x": x, "weight": (torch.randn(c_out, c_in, k, k, device=device)
-                                 / (c_in * k * k) ** 0.5).to(dtype)}
-    if fusion == "prologue_statistics":
-        inputs["in_scale"] = torch.rand(c_in, device=device) + 0.5
-        inputs["in_shift"] = torch.randn(c_in, device=device) * 0.5
-    if fusion == "epilogue":
-        inputs["out_scale"] = torch.rand(c_out, device=device) + 0.5
-        inputs["out_shift"] = torch.randn(c_out, device=device) * 0.5
-        ho = (h - 1) // stride + 1
-        wo = (w - 1) // stride + 1
-        inputs["residual"] = torch.randn(n, c_out, ho, wo, device=device).to(dtype)
-    return stride, inputs
-
-
-def _reference_conv(stride, x, weight, in_scale=None, in_shift=None, out_scale=None,
-                    out_shift=None, residual=None):
-    """What triton_conv computes, in plain PyTorch, in the dtype of ``x``."""
-    if in_scale is not None:
-        x = reference.scale_shift_add_relu(x, in_scale, in_shift)
-    y = reference.conv(x, weight, stride)
-    if out_scale is not None:
-        y = reference.scale_shift_add_relu(y, out_scale, out_shift, residual, relu=True)
-    return y
-
-
-def _triton_conv(stride, x, weight, in_scale=None, in_shift=None, out_scale=None,
-                 out_shift=None, residual=None):
-    statistics = in_scale is not None
-    return triton_conv(x, weight, stride, in_scale, in_shift, out_scale, out_shift, residual,
-                       out_scale is not None, statistics)
-
-
-def _with_grad(inputs, dtype=None):
-    # The epilogue's scale and shift are folded BatchNorms of inference: no gradient.
-    return {k: v.detach().to(dtype or v.dtype).requires_grad_(not k.startswith("out_"))
-            for k, v in inputs.items()}
-
-
-def _grads(inputs):
-    return {f"grad {k}": v.grad for k, v in inputs.items() if v.requires_grad}
-
-
 @pytest.mark.parametrize("case, fusion", CONV_PARAMS, ids=str)
 def test_triton_conv_forward_and_backward(case, fusion, device, poisoned_allocations):
-    _check_triton_conv(case, fusion, device)
-
-
-@pytest.mark.parametrize("fusion", ["plain", "prologue_statistics"])
-def test_gpu_size_paths_at_tiny_sizes(fusion, device, poisoned_allocations, monkeypatch):
-    """The paths GPU sizes take, forced at interpreter sizes: wgrad split over several
-    pixel ranges and summed into a channels_last weight gradient, and the statistics
-    and per-tile sums reduced over several blocks of tiles (Chan's merge across blocks).
-    M = 126 pixels: 8 interpreter tiles of 16, 4 merge blocks of 2, 7 wgrad splits."""
-    monkeypatch.setattr(conv_backward, "_WGRAD_PIXELS_PER_SPLIT", 20)
-    monkeypatch.setattr(statistics, "_MERGE_TILES", 2)
-    _check_triton_conv(CONV_CASES[0], fusion, device, torch.channels_last)
-
-
-def _check_triton_conv(case, fusion, device, weight_format=torch.contiguous_format):
-    for dtype in _dtypes(device):
-        stride, inputs = _conv_inputs(case, dtype, device, fusion)
-        inputs["weight"] = inputs["weight"].contiguous(memory_format=weight_format)
-        results = {}
-        for name, fn, cast in [("truth", _reference_conv, torch.float64),
-                               ("eager", _reference_conv, None),
-                               ("fused", _triton_conv, None)]:
-            tensors = _with_grad(inputs, cast)
-            out = fn(stride, **tensors)
-            y, mean, var = out if name == "fused" else (out, None, None)
-            if fusion == "prologue_statistics":
-                if name != "fused":  # what the epilogue statistics must equal
-                    mean, var = reference.batch_statistics(y)
-                statistics = {"mean": mean, "var": var}
-            else:
-                statistics = {}
-            # A loss that reaches every output, the statistics included.
-            loss = (y.float() * torch.linspace(-1, 1, y.numel(), device=device)
-                    .view_as(y)).sum() + sum((v.float() ** 2).sum() for v in statistics.values())
-            loss.backward()
-            results[name] = {"y": y.detach(), **{k: v.detach() for k, v in statistics.items()},
-                             **_grads(tensors)}
-        assert results["fused"]["y"].dtype == dtype
-        failures = errors_beyond_eager(results["fused"], results["eager"], results["truth"])
-        assert failures == [], f"{dtype}: {failures}"
+    check_triton_conv(case, fusion, device)
 
 
 def test_epilogue_statistics_are_exact_for_a_large_mean(device):
@@ -141,83 +47,38 @@ def test_epilogue_statistics_are_exact_for_a_large_mean(device):
 def test_bn_add_relu_forward_and_backward(residual_kind, channels_last, device,
                                           poisoned_allocations):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for dtype in _dtypes(device):
-        a = torch.randn(3, 5, 7, 3, device=device).to(dtype).contiguous(
-            memory_format=memory_format)
-        inputs = {"a": a, "a_scale": torch.randn(5, device=device),
-                  "a_shift": torch.randn(5, device=device)}
-        if residual_kind != "none":
-            inputs["residual"] = torch.randn_like(a)
-        if residual_kind == "projection":
-            inputs["r_scale"] = torch.randn(5, device=device)
-            inputs["r_shift"] = torch.randn(5, device=device)
-
-        def eager(a, a_scale, a_shift, residual=None, r_scale=None, r_shift=None):
-            if r_scale is not None:
-                residual = reference.scale_shift_add_relu(residual, r_scale, r_shift,
-                                                          relu=False)
-            return reference.scale_shift_add_relu(a, a_scale, a_shift, residual, relu=True)
-
-        def fused(a, a_scale, a_shift, residual=None, r_scale=None, r_shift=None):
-            return triton_bn_add_relu(a, a_scale, a_shift, residual, r_scale, r_shift, True)
-
-        results = {}
-        for name, fn, cast in [("truth", eager, torch.float64), ("eager", eager, None),
-                               ("fused", fused, None)]:
-            tensors = _with_grad(inputs, cast)
-            y = fn(**tensors)
-            (y.float() * torch.arange(y.numel(), device=device).view_as(y).sin()).sum().backward()
-            results[name] = {"y": y.detach(), **_grads(tensors)}
-        assert errors_beyond_eager(results["fused"], results["eager"], results["truth"]) == []
+    check_bn_add_relu((3, 5, 7, 3), residual_kind, memory_format, device)
 
 
 @pytest.mark.parametrize("offset_of_mean", [0.0, 1e3])
 def test_statistics_backward_against_fp64(offset_of_mean, device, poisoned_allocations):
     # 7 channels, 3x5x3 pixels: neither a multiple of the interpreter tile; a large mean
     # (|mean| / std = 1000) checks that the kernel centres before the product.
-    for dtype in _dtypes(device):
-        y64 = torch.randn(3, 7, 5, 3, device=device, dtype=torch.float64) + offset_of_mean
-        grad64 = torch.randn_like(y64)
-        mean64 = y64.mean((0, 2, 3))
-        grad_mean64, grad_var64 = (torch.randn(7, device=device, dtype=torch.float64)
-                                   for _ in range(2))
-        truth = op_reference.statistics_backward(grad64, y64, mean64, grad_mean64, grad_var64)
-        inputs = [t.to(dtype) for t in (grad64, y64)] + [t.float() for t in (
-            mean64, grad_mean64, grad_var64)]
-        fused = triton_statistics_backward(*inputs)
-        eager = op_reference.statistics_backward(*inputs)
-        assert fused.dtype == dtype and fused.is_contiguous(memory_format=torch.channels_last)
-        assert errors_beyond_eager({"out": fused}, {"out": eager}, {"out": truth}) == []
+    check_statistics_backward((3, 7, 5, 3), offset_of_mean, device)
 
 
 def test_channel_stats_and_their_gradient(device):
-    x = torch.randn(3, 6, 5, 7, device=device, dtype=torch.float64)
-    x32 = x.float().requires_grad_()
-    x64 = x.clone().requires_grad_()
-    mean, var = triton_channel_stats(x32)
-    expected_mean, expected_var = reference.batch_statistics(x64)
-    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(var.double(), expected_var, rtol=1e-5, atol=1e-6)
-    (mean * 3 + var.square()).sum().backward()
-    (expected_mean * 3 + expected_var.square()).sum().backward()
-    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+    check_channel_statistics((3, 6, 5, 7), device)
 
 
-def test_kernels_are_deterministic(device):
-    stride, inputs = _conv_inputs(CONV_CASES[1], torch.float32, device, "prologue_statistics")
+def test_kernels_are_deterministic_and_right(device, monkeypatch):
+    """Two runs of a conv's forward and backward are bitwise equal (every reduction in a
+    fixed order, the split wgrad and the multi-block statistics merge included) and
+    within eager's error of fp64 (two equally wrong runs would be deterministic too)."""
+    cross_reduction_thresholds(monkeypatch)
     runs = []
     for _ in range(2):
-        tensors = _with_grad(inputs)
-        y, mean, var = _triton_conv(stride, **tensors)
-        (y.sum() + var.sum()).backward()
-        runs.append([y, mean, var] + list(_grads(tensors).values()))
-    for first, second in zip(*runs):
-        assert torch.equal(first, second)
+        torch.manual_seed(0)
+        runs.append(conv_results(CONV_CASES[1], "prologue_statistics", torch.float32, device))
+    first, second = (run["fused"] for run in runs)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert errors_beyond_eager(first, runs[0]["eager"], runs[0]["truth"]) == []
 
 
 def _opcheck_samples(device):
-    stride, fused = _conv_inputs(CONV_CASES[1], torch.float32, device, "prologue_statistics")
-    _, epilogue = _conv_inputs(CONV_CASES[2], torch.float32, device, "epilogue")
+    stride, fused = conv_inputs(CONV_CASES[1], torch.float32, device, "prologue_statistics")
+    _, epilogue = conv_inputs(CONV_CASES[2], torch.float32, device, "epilogue")
     grad = torch.randn(3, 7, 4, 5, device=device)
     a = torch.randn(2, 5, 3, 3, device=device)
     s = torch.randn(5, device=device)
@@ -248,15 +109,15 @@ def test_ops_pass_opcheck(index, device):
 
 
 def test_gradient_through_an_epilogue_scale_is_refused(device):
-    _, inputs = _conv_inputs(CONV_CASES[2], torch.float32, device, "epilogue")
+    _, inputs = conv_inputs(CONV_CASES[2], torch.float32, device, "epilogue")
     inputs["out_scale"].requires_grad_()
-    y = _triton_conv(2, **inputs)[0]
+    y = triton_conv_outputs(2, **inputs)[0]
     with pytest.raises(RuntimeError, match="gradients of out_scale/out_shift"):
         y.sum().backward()
 
 
 def test_statistics_with_an_epilogue_are_refused(device):
-    _, inputs = _conv_inputs(CONV_CASES[2], torch.float32, device, "epilogue")
+    _, inputs = conv_inputs(CONV_CASES[2], torch.float32, device, "epilogue")
     with pytest.raises(ValueError, match="statistics are of the raw conv output"):
         triton_conv(inputs["x"], inputs["weight"], 2, None, None, inputs["out_scale"],
                     inputs["out_shift"], None, False, True)
@@ -265,11 +126,15 @@ def test_statistics_with_an_epilogue_are_refused(device):
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("running_dtype", [torch.float32, torch.float16, None])
-def test_bn_finalize_matches_the_reference(affine, momentum, running_dtype, device):
+def test_bn_finalize_matches_the_reference(affine, momentum, running_dtype, device,
+                                           monkeypatch):
     """The triton finalize (scale/shift, running statistics, num_batches_tracked, and the
     gradients of mean, var, weight, bias) against reference.normalization in fp64.
     running_dtype None: track_running_stats=False; float16: a .half() module's buffers."""
-    channels, count = 1030, 37  # more channels than one program's block of 1024
+    # More channels than one program's block (1024 on GPUs, lowered here): the scale/shift
+    # kernels' grid and the one-program training finalize's loop over channel blocks.
+    monkeypatch.setattr(batch_norm_finalize, "_BLOCK", 16)
+    channels, count = 37, 37
     results = {}
     for name, finalize, dtype in [("truth", Finalize(), torch.float64),
                                   ("eager", Finalize(), torch.float32),

@@ -1,0 +1,106 @@
+"""The planted bugs of the mutation check (tools/mutate.py): realistic one-line slips in
+the kernels, the block plan, the reference, the converter and the CPU kernel of csrc/.
+
+Each mutant replaces one exact piece of text (which must occur exactly once in its file)
+and names the tests that must then fail. A mutant that survives is either killed by a new
+test or explained here.
+"""
+
+from typing import NamedTuple
+
+
+class Mutant(NamedTuple):
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+TRITON_OPS = ("tests/test_triton_ops.py", "tests/test_gpu_size_paths.py")
+TRITON_BLOCKS = ("tests/test_triton_blocks.py",)
+EXTENSION_CPU = ("tests/test_extension.py", "-k", "cpu or nan or opcheck or residual_affine")
+
+MUTANTS = [
+    # kernels/: tiles, masks, reductions (the GPU-size paths included).
+    Mutant("tile-columns-use-BLOCK_M", "kernels/conv_forward.py",
+           "columns = tl.program_id(1) * BLOCK_N", "columns = tl.program_id(1) * BLOCK_M",
+           TRITON_OPS),
+    Mutant("dgrad-grid-channels-by-BLOCK_M", "kernels/conv_backward.py",
+           'triton.cdiv(c_in, meta["BLOCK_N"])', 'triton.cdiv(c_in, meta["BLOCK_M"])',
+           TRITON_OPS),
+    Mutant("forward-padding-top-unmasked", "kernels/conv_forward.py",
+           "pixel_valid = row_valid & (hi >= 0) & (hi < H)", "pixel_valid = row_valid & (hi < H)",
+           TRITON_OPS),
+    Mutant("forward-prologue-pads-with-relu-of-shift", "kernels/conv_forward.py",
+           "a = tl.where(a_mask, a, 0.0).to(x_ptr.dtype.element_ty)\n            b =",
+           "a = a.to(x_ptr.dtype.element_ty)\n            b =", TRITON_OPS),
+    Mutant("dgrad-stride-taps-unmasked", "kernels/conv_backward.py",
+           "& (h_num % STRIDE == 0)", "", TRITON_OPS),
+    Mutant("dgrad-prologue-gradient-unscaled", "kernels/conv_backward.py",
+           "acc = grad_pre * scale[None, :]", "acc = grad_pre", TRITON_OPS),
+    Mutant("wgrad-splits-all-write-slot-0", "kernels/conv_backward.py",
+           "offsets = ((split * C_out", "offsets = ((0 * C_out", TRITON_OPS),
+    Mutant("wgrad-split-reads-past-its-end", "kernels/conv_backward.py",
+           "pixel_valid = pixels < end", "pixel_valid = pixels < M", TRITON_OPS),
+    Mutant("wgrad-prologue-pads-with-relu-of-shift", "kernels/conv_backward.py",
+           "a = tl.where(a_mask, a, 0.0).to(x_ptr.dtype.element_ty)\n        acc +=",
+           "a = a.to(x_ptr.dtype.element_ty)\n        acc +=", TRITON_OPS),
+    Mutant("sum-splits-reads-split-0-only", "kernels/conv_backward.py",
+           "        split_ptr += size\n", "", TRITON_OPS),
+    Mutant("merge-drops-the-spread-of-block-means", "kernels/statistics.py",
+           "m2 += block_m2 + delta * delta * count * block_count",
+           "m2 += block_m2 + delta * count * block_count", TRITON_OPS),
+    Mutant("merge-skips-the-last-tile", "kernels/statistics.py",
+           "mask = (rows < tiles)[:, None] & channel_valid[None, :]\n        offsets =",
+           "mask = (rows < tiles - 1)[:, None] & channel_valid[None, :]\n        offsets =",
+           TRITON_OPS),
+    Mutant("tile-mean-over-all-rows", "kernels/statistics.py",
+           "/ tl.maximum(count, 1.0)\n    deviation", "/ values.shape[0]\n    deviation",
+           TRITON_OPS),
+    Mutant("bn-add-relu-backward-scale-sum-without-a", "kernels/elementwise.py",
+           "tl.sum(g * a, axis=0)", "tl.sum(g, axis=0)", TRITON_OPS),
+    Mutant("statistics-backward-variance-term-halved", "kernels/elementwise.py",
+           "+ 2.0 * _per_channel(grad_var_ptr", "+ 1.0 * _per_channel(grad_var_ptr",
+           TRITON_OPS),
+    Mutant("finalize-eps-outside-the-sqrt", "kernels/batch_norm_finalize.py",
+           "tl.sqrt_rn(var + eps)", "(tl.sqrt_rn(var) + eps)", TRITON_OPS),
+    Mutant("finalize-running-var-biased", "kernels/batch_norm_finalize.py",
+           "_blend(var_ptr, running_var_ptr, channels, valid, factor, unbias)",
+           "_blend(var_ptr, running_var_ptr, channels, valid, factor, 1.0)", TRITON_OPS),
+    Mutant("finalize-backward-forgets-shift-through-scale", "kernels/batch_norm_finalize.py",
+           "- grad_shift * mean\n", "\n", TRITON_OPS),
+    # The block plan (fused_resnet/fused_blocks.py).
+    Mutant("plan-post-act-shortcut-bn-mixed-up", "fused_resnet/fused_blocks.py",
+           "shortcut.bn, stride)\n", "layers[-1][1], stride)\n", TRITON_BLOCKS),
+    Mutant("plan-pre-act-projection-reads-raw-x", "fused_resnet/fused_blocks.py",
+           "self._conv(x_bn, shortcut.weight, stride, scale_shift))",
+           "self._conv(x, shortcut.weight, stride, None))", TRITON_BLOCKS),
+    Mutant("plan-eval-drops-the-residual", "fused_resnet/fused_blocks.py",
+           "residual=identity if last else None, relu=True)", "relu=True)", TRITON_BLOCKS),
+    # The reference (fused_resnet/reference.py), checked against PyTorch's own modules.
+    Mutant("reference-running-var-biased", "fused_resnet/reference.py",
+           "unbiased_var = var.detach() * (count / (count - 1))",
+           "unbiased_var = var.detach()", ("tests/test_reference.py", "tests/test_blocks.py")),
+    Mutant("reference-eps-outside-the-rsqrt", "fused_resnet/reference.py",
+           "scale = torch.rsqrt(var + eps)", "scale = torch.rsqrt(var) + eps",
+           ("tests/test_reference.py", "tests/test_blocks.py")),
+    # The converter (fused_resnet/structure.py).
+    Mutant("converter-identity-accepted-as-activation", "fused_resnet/structure.py",
+           "if type(child) is not nn.ReLU:",
+           "if type(child) not in (nn.ReLU, nn.Identity):", ("tests/test_convert.py",)),
+    Mutant("converter-dilation-not-checked", "fused_resnet/structure.py",
+           '"dilation": (1, 1), ', "", ("tests/test_convert.py",)),
+    Mutant("converter-conv-bias-accepted", "fused_resnet/structure.py",
+           "if conv.bias is not None:", "if False:", ("tests/test_convert.py",)),
+    # csrc/'s CPU kernel, whose per-element formula the CUDA kernel shares (rebuilt
+    # CPU-only for each mutant).
+    Mutant("cpu-kernel-relu-drops-nan", "csrc/scale_shift_add_relu.h",
+           "return (relu && v < acc_t(0)) ? acc_t(0) : v;",
+           "return relu ? std::max(acc_t(0), v) : v;", EXTENSION_CPU),
+    Mutant("cpu-kernel-nchw-channel-stride", "csrc/scale_shift_add_relu.cpp",
+           "nchw ? x.size(2) * x.size(3) : 1", "nchw ? x.size(2) : 1", EXTENSION_CPU),
+    Mutant("cpu-kernel-residual-shift-dropped", "csrc/scale_shift_add_relu.h",
+           "residual * affine.scale[c] + affine.shift[c]", "residual * affine.scale[c]",
+           EXTENSION_CPU),
+]
