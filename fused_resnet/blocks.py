@@ -10,6 +10,7 @@ the parameters into the block function of the selected backend (see
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -40,20 +41,49 @@ class FusedBlockMixin:
         problem = structure.block_problem(self, self.spec)
         if problem is not None:
             raise ValueError(f"{type(self).__name__} cannot be fused: {problem}")
+        self.record_structure()
+
+    def record_structure(self) -> None:
+        """Remember the structure the block is fused for (see :func:`structure.snapshot`):
+        a forward after a change to it runs the plain module computation instead."""
+        self.__dict__["_built_from"] = structure.snapshot(self)
 
     @property
     def in_channels(self) -> int:
         return getattr(self, self.spec.convs[0]).in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            # FX symbolic tracing (torchvision's create_feature_extractor) records the
+            # plain computation; to keep the block fused in the graph instead, trace it as
+            # a leaf module.
+            return self.plain_class.forward(self, x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__}: expected input of shape "
                              f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if structure.snapshot(self) != self._built_from:
+            return self._plain_forward(x)
         arguments = structure.block_arguments(self, self.spec)
         device_type = x.device.type
         if _has_autocast(device_type) and torch.is_autocast_enabled(device_type):
             return self._autocast_forward(x, arguments)
         return self._run(x, arguments)
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain module computation over the block's children as they are now: what
+        the model computes after a hook, a parametrization or a replaced child that the
+        fused block would not see. Warns once per block; under ``torch.compile`` (which
+        notices the change and retraces into this path) without a warning, which Dynamo
+        cannot trace."""
+        if not torch.compiler.is_compiling() and not self.__dict__.get("_warned_change"):
+            self.__dict__["_warned_change"] = True
+            change = structure.describe_change(self._built_from, structure.snapshot(self))
+            warnings.warn(
+                f"fused_resnet: this {type(self).__name__} changed after it was fused "
+                f"({change}), so it runs as the plain module, unfused. To fuse it again: "
+                "model = fused_resnet.convert(fused_resnet.unfuse(model)) (which reports "
+                "whether the changed block can be fused), or undo the change.", stacklevel=3)
+        return self.plain_class.forward(self, x)
 
     def _run(self, x: torch.Tensor, arguments: dict) -> torch.Tensor:
         backend = backends.select(self, x, arguments, self.backend)
@@ -77,6 +107,15 @@ class FusedBlockMixin:
         output_dtype = dtype if self.downsample is not None else torch.promote_types(dtype,
                                                                                      x.dtype)
         return out.to(output_dtype)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # Called by torch.jit.script, which cannot compile the fused forward (backend
+        # dispatch, custom ops). Returning the plain module here would unfuse the caller's
+        # model in place (torch.jit.script swaps in what this returns), so say what to do.
+        raise RuntimeError(
+            f"torch.jit.script cannot compile fused_resnet's {type(self).__name__}: script "
+            "fused_resnet.unfuse(model) instead, a copy with plain modules and the same "
+            "parameter values (or use torch.compile / torch.export on the fused model)")
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -82,9 +82,7 @@ def _looks_like_block(module: nn.Module) -> Optional[structure.BlockSpec]:
 
 def _hook_problem(block: nn.Module) -> Optional[str]:
     for name, module in block.named_modules():
-        hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-                 module._backward_pre_hooks)
-        if any(hooks):
+        if any(getattr(module, kind) for kind in structure.HOOK_KINDS):
             return f"a hook is registered on {name or 'the block'}; a fused block would skip it"
     return None
 
@@ -119,6 +117,7 @@ def _adopt(cls: type[nn.Module], source: nn.Module) -> nn.Module:
 def _fused_from(block: nn.Module, spec: structure.BlockSpec, backend: str) -> nn.Module:
     fused = _adopt(FUSED_BLOCKS[spec], block)
     fused.backend = backend
+    fused.record_structure()
     # Kept outside the module tree (no state_dict entries) for unfuse.
     fused.__dict__[_ORIGINAL] = block
     return fused

@@ -66,8 +66,9 @@ def _is_inert(module: Optional[nn.Module]) -> bool:
 def conv_problem(name: str, conv: Optional[nn.Module], kernel: int) -> Optional[str]:
     if type(conv) is not nn.Conv2d:
         return f"{name} is {type(conv).__name__}, expected nn.Conv2d"
-    expected = {"kernel_size": (kernel, kernel), "padding": (kernel // 2, kernel // 2),
-                "dilation": (1, 1), "groups": 1, "padding_mode": "zeros"}
+    # Dilation before padding: a dilated conv's padding is off too, the dilation is the cause.
+    expected = {"kernel_size": (kernel, kernel), "dilation": (1, 1),
+                "padding": (kernel // 2, kernel // 2), "groups": 1, "padding_mode": "zeros"}
     for attribute, value in expected.items():
         if getattr(conv, attribute) != value:
             return f"{name}.{attribute}={getattr(conv, attribute)!r}, expected {value!r}"
@@ -191,3 +192,46 @@ def block_arguments(block: nn.Module, spec: BlockSpec) -> dict:
               else BatchNormParams.from_module(_post_act_projection_layers(downsample)[1]))
         arguments["shortcut"] = Projection(conv.weight, bn)
     return arguments
+
+
+_CONV_CONFIGURATION = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                       "dilation", "groups", "padding_mode")
+_NORM_CONFIGURATION = ("num_features", "affine", "track_running_stats")
+# The hook dictionaries of a module that run when it is called.
+HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _configuration(module: nn.Module) -> tuple:
+    if isinstance(module, nn.Conv2d):
+        return (*(getattr(module, a) for a in _CONV_CONFIGURATION), module.bias is None)
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return tuple(getattr(module, a) for a in _NORM_CONFIGURATION)
+    return ()
+
+
+def snapshot(block: nn.Module) -> tuple:
+    """What a fused block's computation assumes beyond the values it reads at each call:
+    for every submodule, its name, class (a parametrization changes it), the number of
+    hooks of each kind on it (pruning adds one) and, for convs and norms, their
+    configuration. Cheap to take (attribute reads, no structural check), and equal
+    between a block and its deep copy or unpickled copy."""
+    return tuple((name, type(module), tuple(len(getattr(module, h)) for h in HOOK_KINDS),
+                  _configuration(module))
+                 for name, module in block.named_modules() if module is not block)
+
+
+def describe_change(built: tuple, now: tuple) -> str:
+    """What differs between two snapshots of a block, in words."""
+    before, after = ({name: rest for name, *rest in s} for s in (built, now))
+    changes = [f"{name} was added" for name in after.keys() - before.keys()]
+    changes += [f"{name} was removed" for name in before.keys() - after.keys()]
+    for name in before.keys() & after.keys():
+        (old_type, old_hooks, old_config), (new_type, new_hooks, new_config) = (
+            before[name], after[name])
+        if old_type is not new_type:
+            changes.append(f"{name} is now {new_type.__name__} (was {old_type.__name__})")
+        elif old_hooks != new_hooks:
+            changes.append(f"{name}'s hooks changed (forward, backward, or pre-hooks)")
+        elif old_config != new_config:
+            changes.append(f"{name}'s configuration changed")
+    return "; ".join(sorted(changes))

@@ -1,14 +1,18 @@
 """fused_resnet.convert and unfuse on torchvision and timm models."""
 
 import copy
+import pickle
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import fused_resnet
 from blockcases import randomize_batch_norms
 from fused_resnet.blocks import FusedBlockMixin
+from fused_resnet.demo import FUNCTION_TOLERANCE
+from fused_resnet.testing import relative_differences_beyond
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -227,3 +231,125 @@ def test_identity_activation_is_not_taken_for_a_relu():
     timm_model = timm.create_model("resnet18", act_layer=nn.Identity, num_classes=10)
     timm_report = fused_resnet.convert(timm_model, backend="reference").fusion_report
     assert timm_report.swapped == [] and len(timm_report.left) == 8
+
+
+def _conv_with_bias(block):
+    block.conv2 = nn.Conv2d(64, 64, 3, padding=1, bias=True).double()
+
+
+def _dilated_conv(block):
+    block.conv2 = nn.Conv2d(64, 64, 3, padding=2, dilation=2, bias=False).double()
+
+
+def _group_norm(block):
+    block.bn1 = nn.GroupNorm(8, 64).double()
+
+
+def _pruned_conv(block):
+    torch.nn.utils.prune.l1_unstructured(block.conv1, "weight", amount=0.5)
+
+
+def _weight_normed_conv(block):
+    torch.nn.utils.parametrizations.weight_norm(block.conv2)
+
+
+# Changes made to a block after convert, each on both the plain and the converted model.
+# The hooks record their calls in the list they are given.
+CHANGES_AFTER_CONVERT = {
+    "forward hook on conv1": lambda block, calls: block.conv1.register_forward_hook(
+        lambda *args: calls.append("conv1")),
+    "forward pre-hook on bn2": lambda block, calls: block.bn2.register_forward_pre_hook(
+        lambda *args: calls.append("bn2")),
+    "conv2 replaced by one with a bias": lambda block, calls: _conv_with_bias(block),
+    "conv2 replaced by a dilated one": lambda block, calls: _dilated_conv(block),
+    "bn1 replaced by a GroupNorm": lambda block, calls: _group_norm(block),
+    "conv1 pruned": lambda block, calls: _pruned_conv(block),
+    "conv2 weight-normed": lambda block, calls: _weight_normed_conv(block),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES_AFTER_CONVERT)
+def test_a_change_after_convert_runs_the_plain_computation_with_a_warning(change):
+    """The changed fused block computes what the changed plain model computes (fp64: two
+    training steps and eval; hooks called as often), and says once why it runs unfused."""
+    original = randomize_batch_norms(torchvision.models.resnet18(num_classes=10)).double()
+    # A deep copy: convert shares the parameters, and both models accumulate gradients.
+    fused = fused_resnet.convert(copy.deepcopy(original), backend="reference")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    calls = ([], [])
+    for model, recorded in zip((original, fused), calls):
+        torch.manual_seed(1)  # the same weights in a replacement module
+        CHANGES_AFTER_CONVERT[change](model.layer1[0], recorded)
+    expected = _train_then_eval(original, x)
+    with pytest.warns(UserWarning, match="changed after it was fused") as warned:
+        results = _train_then_eval(fused, x)
+    assert len(warned) == 1, [str(w.message) for w in warned]
+    changed_child = change.split(" ")[-1] if change.startswith("forward") else change.split()[0]
+    assert changed_child in str(warned[0].message) and "fused_resnet.unfuse" in str(
+        warned[0].message)
+    assert calls[0] == calls[1]
+    expected = _as_dict(expected)
+    # A conv bias before a training BatchNorm has an exact gradient of 0: both runs give
+    # rounding noise (about 1e-13), with no relative precision to compare.
+    expected.pop("grad layer1.0.conv2.bias", None)
+    assert relative_differences_beyond(_as_dict(results), expected, FUNCTION_TOLERANCE) == []
+
+
+def _as_dict(results):
+    outputs, grads, buffers = results
+    return {**{f"output {i}": out for i, out in enumerate(outputs)},
+            **{f"grad {name}": g for name, g in grads.items()},
+            **{f"buffer {name}": b for name, b in buffers.items()}}
+
+
+def test_an_unchanged_block_stays_fused_after_copies_and_pickling():
+    fused = fused_resnet.convert(torchvision.models.resnet18(num_classes=10))
+    for copied in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        blocks = [m for m in copied.modules() if isinstance(m, FusedBlockMixin)]
+        assert len(blocks) == 8
+        assert all(fused_resnet.structure.snapshot(b) == b._built_from for b in blocks)
+
+
+def test_torchscript_of_a_converted_model_names_the_fix():
+    fused = fused_resnet.convert(torchvision.models.resnet18(num_classes=10)).eval()
+    with pytest.raises(RuntimeError, match=r"script fused_resnet.unfuse\(model\) instead"):
+        torch.jit.script(fused)
+    assert sum(isinstance(m, FusedBlockMixin) for m in fused.modules()) == 8  # untouched
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(fused_resnet.unfuse(fused))(x), fused(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused_leaves", [False, True])
+def test_fx_feature_extraction_of_a_converted_model(fused_leaves):
+    """torchvision's create_feature_extractor traces the plain computation of the blocks,
+    or keeps them fused when they are declared leaf modules."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    fused = fused_resnet.convert(torchvision.models.resnet18(num_classes=10)).eval()
+    leaves = list(fused_resnet.blocks.FUSED_BLOCKS.values()) if fused_leaves else []
+    extractor = create_feature_extractor(fused, {"layer2": "features", "fc": "logits"},
+                                         tracer_kwargs={"leaf_modules": leaves})
+    called = [node.target for node in extractor.graph.nodes if node.op == "call_module"]
+    assert ("layer1.0" in called) == fused_leaves
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = extractor(x)
+        features = fused.layer2(fused.layer1(fused.maxpool(fused.relu(fused.bn1(
+            fused.conv1(x))))))
+        torch.testing.assert_close(got["features"], features, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["logits"], fused(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dilated_backbones_keep_their_dilated_blocks():
+    """torchvision's segmentation backbones (DeepLab, FCN) dilate layer3 and layer4
+    instead of striding: those blocks are left, with the reason; the rest are fused."""
+    model = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
+    report = fused_resnet.convert(model, backend="reference").fusion_report
+    left = {b.name: b.reason for b in report.left}
+    dilated = [f"layer{i}.{j}" for i, blocks in ((3, 6), (4, 3)) for j in range(blocks)
+               if (i, j) != (3, 0)]  # layer3.0 strides without dilation in its conv2
+    assert set(left) == set(dilated)
+    assert all("dilation" in reason for reason in left.values())
+    assert len(report.swapped) == 16 - len(dilated)
