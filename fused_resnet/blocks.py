@@ -61,28 +61,35 @@ class FusedBlockMixin:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__}: expected input of shape "
                              f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if structure.snapshot(self) != self._built_from:
-            return self._plain_forward(x)
+        now = structure.snapshot(self)
+        if now != self._built_from:
+            # Changed since it was fused: still fusable (SyncBatchNorm conversion, an
+            # equivalent replacement) or not (then the plain module computes).
+            problem = structure.block_problem(self, self.spec) or structure.hook_problem(self)
+            if problem is not None:
+                return self._plain_forward(x, now, problem)
+            if not torch.compiler.is_compiling():
+                self.__dict__["_built_from"] = now
         arguments = structure.block_arguments(self, self.spec)
         device_type = x.device.type
         if _has_autocast(device_type) and torch.is_autocast_enabled(device_type):
             return self._autocast_forward(x, arguments)
         return self._run(x, arguments)
 
-    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _plain_forward(self, x: torch.Tensor, now: tuple, problem: str) -> torch.Tensor:
         """The plain module computation over the block's children as they are now: what
         the model computes after a hook, a parametrization or a replaced child that the
-        fused block would not see. Warns once per block; under ``torch.compile`` (which
+        fused block cannot compute. Warns once per block; under ``torch.compile`` (which
         notices the change and retraces into this path) without a warning, which Dynamo
         cannot trace."""
         if not torch.compiler.is_compiling() and not self.__dict__.get("_warned_change"):
             self.__dict__["_warned_change"] = True
-            change = structure.describe_change(self._built_from, structure.snapshot(self))
+            change = structure.describe_change(self._built_from, now)
             warnings.warn(
                 f"fused_resnet: this {type(self).__name__} changed after it was fused "
-                f"({change}), so it runs as the plain module, unfused. To fuse it again: "
-                "model = fused_resnet.convert(fused_resnet.unfuse(model)) (which reports "
-                "whether the changed block can be fused), or undo the change.", stacklevel=3)
+                f"({change}) and cannot be fused as it is now ({problem}), so it runs as "
+                "the plain module. Undo the change, or re-convert once it is final: model = "
+                "fused_resnet.convert(fused_resnet.unfuse(model)).", stacklevel=3)
         return self.plain_class.forward(self, x)
 
     def _run(self, x: torch.Tensor, arguments: dict) -> torch.Tensor:

@@ -72,18 +72,15 @@ def _qualified_name(module: nn.Module) -> str:
 
 
 def _looks_like_block(module: nn.Module) -> Optional[structure.BlockSpec]:
-    """The spec whose conv and norm names ``module`` has as children, if any."""
+    """The spec whose conv and norm names ``module`` has as children, if any. Containers
+    (timm's stem is an nn.Sequential with conv1..conv3 and norm1..norm2) run their
+    children in a chain, never a residual block."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return None
     children = dict(module.named_children())
     for spec in structure.SPECS:
         if all(name in children for name in spec.convs + spec.norms):
             return spec
-    return None
-
-
-def _hook_problem(block: nn.Module) -> Optional[str]:
-    for name, module in block.named_modules():
-        if any(getattr(module, kind) for kind in structure.HOOK_KINDS):
-            return f"a hook is registered on {name or 'the block'}; a fused block would skip it"
     return None
 
 
@@ -101,7 +98,7 @@ def _why_not_fusable(block: nn.Module, spec: structure.BlockSpec,
     if known_spec is not spec:
         return (f"class {_qualified_name(block)} is not a block whose forward fused_resnet "
                 "knows (torchvision, timm or fused_resnet.plain blocks)")
-    return (structure.block_problem(block, spec) or _hook_problem(block)
+    return (structure.block_problem(block, spec) or structure.hook_problem(block)
             or _shared_problem(block, use_count))
 
 

@@ -107,9 +107,14 @@ def projection_conv(downsample: nn.Module, pre_act: bool) -> Optional[nn.Module]
 
 def projection_problem(downsample: nn.Module, spec: BlockSpec, in_channels: int,
                        out_channels: int, stride: int) -> Optional[str]:
+    if any(isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) for m in downsample.modules()):
+        return (f"downsample ({type(downsample).__name__}) average-pools before its 1x1 "
+                "conv (the ResNet-D shortcut), which the fused blocks do not compute")
     if spec.pre_act:
         # A pre-activation projection is a bare 1x1 conv (timm DownsampleConv(preact=True)).
+        # timm's DownsampleAvg without pooling (stride 1) is the same 1x1 conv.
         if _qualified_name(downsample) not in ("timm.models.resnetv2.DownsampleConv",
+                                               "timm.models.resnetv2.DownsampleAvg",
                                                "fused_resnet.plain.PreActProjection"):
             return f"downsample is {type(downsample).__name__}, expected a 1x1 conv projection"
         if type(getattr(downsample, "norm", None)) not in (type(None), nn.Identity):
@@ -174,6 +179,14 @@ def block_problem(block: nn.Module, spec: BlockSpec) -> Optional[str]:
                         "applies it as its activation")
         elif name not in known and not _is_inert(child):
             return f"{name} ({type(child).__name__}) has no fused counterpart"
+    return None
+
+
+def hook_problem(block: nn.Module) -> Optional[str]:
+    """Why ``block`` cannot be fused because of a hook on it or inside it, or None."""
+    for name, module in block.named_modules():
+        if any(getattr(module, kind) for kind in HOOK_KINDS):
+            return f"a hook is registered on {name or 'the block'}; a fused block would skip it"
     return None
 
 

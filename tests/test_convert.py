@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -353,3 +354,36 @@ def test_dilated_backbones_keep_their_dilated_blocks():
     assert set(left) == set(dilated)
     assert all("dilation" in reason for reason in left.values())
     assert len(report.swapped) == 16 - len(dilated)
+
+
+def test_resnet_d_shortcuts_are_left_naming_the_average_pool_and_stems_are_not_blocks():
+    """ResNet-D's shortcut average-pools before its conv: those blocks are left, and the
+    report says so; a stride-1 DownsampleAvg has no pooling and is fused; timm's deep stem
+    (an nn.Sequential holding conv1..conv3 and norm1..norm2) is no block at all."""
+    for name, left_blocks in [("resnet50d", ["layer2.0", "layer3.0", "layer4.0"]),
+                              ("resnetv2_50d", ["stages.1.blocks.0", "stages.2.blocks.0",
+                                                "stages.3.blocks.0"])]:
+        model = randomize_batch_norms(timm.create_model(name, num_classes=10)).eval()
+        converted = fused_resnet.convert(model, backend="reference")
+        report = converted.fusion_report
+        assert [b.name for b in report.left] == left_blocks, str(report)
+        assert all("average-pools before its 1x1 conv" in b.reason for b in report.left)
+        assert len(report.swapped) == 16 - len(left_blocks)
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_change_the_fused_block_still_computes_keeps_it_fused():
+    """nn.SyncBatchNorm.convert_sync_batchnorm after convert (the usual order in DDP
+    scripts) replaces every BN; the blocks stay fused, without a warning."""
+    fused = fused_resnet.convert(torchvision.models.resnet18(num_classes=10),
+                                 backend="reference")
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(fused).eval()
+    block = synced.layer1[0]
+    assert isinstance(block, FusedBlockMixin) and type(block.bn1) is nn.SyncBatchNorm
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            synced(torch.randn(2, 3, 32, 32))
+    assert fused_resnet.structure.snapshot(block) == block._built_from  # re-recorded

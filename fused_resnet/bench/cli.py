@@ -10,15 +10,20 @@ import json
 import platform
 import subprocess
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+import fused_resnet
 from fused_resnet.bench import report, timing, traffic, workloads
 from fused_resnet.bench.workloads import CONTENDERS, MODELS, MODES, Workload
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CPU_NOTICE = "No GPU: a tiny CPU workload. CPU figures say nothing about GPU speed."
+CPU_NOTICE = ("No GPU: a tiny CPU workload, timed in a few calls on a CPU shared with "
+              "everything else. These timings are not measurements (the same run swings "
+              "by 10x and more) and say nothing about GPU speed; what a CPU run shows is "
+              "that each contender runs and is within eager's error of fp64.")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -59,7 +64,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                 "mode": ["train", "eval"] if args.traffic else ["train"],
                 "dtype": "bf16" if full_size else "fp32",
                 "batch_size": [256 if full_size else 2],
-                "image_size": 224 if full_size else 32,
+                # 64 on CPU: the last stage's BatchNorms see 8 values per channel. At 32
+                # they see 2, where every output is within rounding of +-1 and errors
+                # against fp64 reach 1e-3 (eager's included): a degenerate check.
+                "image_size": 224 if full_size else 64,
                 "contenders": (traffic.CONTENDERS if args.traffic else
                                CONTENDERS if gpu else ["eager", "reference"])}
     for name, value in defaults.items():
@@ -138,16 +146,15 @@ def run_traffic(args) -> list[dict]:
     return results
 
 
-def measure(name: str, workload: Workload, args, expected: torch.Tensor, device: str,
+def measure(name: str, workload: Workload, args, expected: workloads.Expected, device: str,
             limits: Optional[dict], progress: Optional[Callable[[], None]]) -> dict:
-    """One contender on one workload: its output check against eager, then its timings,
-    or the error that stopped it."""
+    """One contender on one workload: its output checked against fp64 (within a multiple
+    of eager's error), then its timings, or the error that stopped it."""
     result = _result_header(name, workload)
     autocast = _autocast_context(args, device)
     try:
         module = workloads.contender_module(name, workload.module)
-        result["relative_rms_vs_eager"] = workloads.check(module, workload, expected,
-                                                          DTYPES[args.dtype], autocast)
+        result["relative_rms_vs_fp64"] = workloads.check(module, workload, expected, autocast)
         plain_step = workloads.step_function(module, workload)
 
         def step():
@@ -182,26 +189,42 @@ def _autocast_context(args, device: str) -> Callable[[], contextlib.AbstractCont
     return lambda: torch.autocast(device, dtype=DTYPES[args.dtype])
 
 
+def _command_output(command: list[str]) -> Optional[str]:
+    try:
+        return subprocess.run(command, capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def source_revision() -> dict:
+    """The git commit of the fused_resnet source that runs and whether its files differ
+    from it (``dirty``); commit "unknown" where the package is not a git checkout's own
+    (an installed wheel, or a copy inside another repository)."""
+    package = Path(fused_resnet.__file__).resolve().parent
+    top = _command_output(["git", "-C", str(package), "rev-parse", "--show-toplevel"])
+    if top is None or Path(top).resolve() / "fused_resnet" != package:
+        return {"commit": "unknown", "dirty": None}
+    changed = _command_output(["git", "-C", top, "status", "--porcelain", "--",
+                               "fused_resnet", "kernels", "csrc", "setup.py"])
+    return {"commit": _command_output(["git", "-C", top, "rev-parse", "HEAD"]),
+            "dirty": changed is not None}
+
+
 def environment(device: str) -> dict:
     import triton
-
-    def command_output(command: list[str]) -> Optional[str]:
-        try:
-            return subprocess.run(command, capture_output=True, text=True,
-                                  check=True).stdout.strip() or None
-        except (OSError, subprocess.CalledProcessError):
-            return None
 
     gpu = device == "cuda"
     return {
         "device": torch.cuda.get_device_name() if gpu
         else platform.processor() or platform.machine(),
-        "driver": command_output(["nvidia-smi", "--query-gpu=driver_version",
-                                  "--format=csv,noheader"]) if gpu else None,
+        "driver": _command_output(["nvidia-smi", "--query-gpu=driver_version",
+                                   "--format=csv,noheader"]) if gpu else None,
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if gpu else None,
         "python": platform.python_version(),
-        "commit": command_output(["git", "rev-parse", "HEAD"]),
+        "timings_are_measurements": gpu,
+        **source_revision(),
     }
 
 
@@ -244,9 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bar = _progress_bar(len(to_run) * len(args.contenders) * (args.warmup + args.iterations))
     results = []
     for workload in to_run:
-        expected = workloads.checked_output(
-            workloads.contender_module("eager", workload.module), workload,
-            _autocast_context(args, device))
+        expected = workloads.expected_output(workload, _autocast_context(args, device))
         for name in args.contenders:
             if bar is not None:
                 bar.set_description(f"{workload.name} {workload.mode} {name}")

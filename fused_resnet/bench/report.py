@@ -120,7 +120,7 @@ def markdown_table(results: list[dict]) -> str:
             if r is None:
                 cells.append("")
             elif "error" in r:
-                cells.append("error")
+                cells.append("error: " + r["error"].replace("|", "\\|"))
             else:
                 cell = f"{r['images_per_s']:.0f}/s"
                 if r.get("speedup_vs_eager") is not None:
@@ -146,23 +146,36 @@ def plot(results: list[dict], path: str) -> None:
     figure, axes = plt.subplots(len(panels), 1, squeeze=False,
                                 figsize=(max(6, 1.2 * len(group_keys) / len(panels)),
                                          3.2 * len(panels)))
+    failures = {}  # reason -> its number in the caption
     for axis, (mode, batch) in zip(axes[:, 0], panels):
         workloads = [key[0] for key in group_keys if key[1:] == (mode, batch)]
         for index, contender in enumerate(contenders):
-            speedups = {r["workload"]: r.get("speedup_vs_eager", 0.0) for r in results
-                        if (r["mode"], r["batch_size"], r["contender"]) == (mode, batch,
-                                                                            contender)}
-            axis.bar([position + index * width for position in range(len(workloads))],
-                     [speedups.get(w, 0.0) for w in workloads], width, label=contender)
+            members = {r["workload"]: r for r in results
+                       if (r["mode"], r["batch_size"], r["contender"]) == (mode, batch,
+                                                                           contender)}
+            positions = [position + index * width for position in range(len(workloads))]
+            axis.bar(positions, [members.get(w, {}).get("speedup_vs_eager", 0.0)
+                                 for w in workloads], width, label=contender)
+            for position, workload in zip(positions, workloads):
+                if "error" in members.get(workload, {}):
+                    number = failures.setdefault(f"{contender}: {members[workload]['error']}",
+                                                 len(failures) + 1)
+                    axis.text(position, 0.02, f"failed ({number})", rotation=90,
+                              fontsize=7, ha="center", va="bottom",
+                              transform=axis.get_xaxis_transform())
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_xticks([position + 0.4 - width / 2 for position in range(len(workloads))],
                         workloads, rotation=30, ha="right", fontsize=8)
         axis.set_ylabel("speed-up vs eager")
-        axis.set_title(f"{mode}, batch {batch} (a missing bar: the contender failed)",
-                       fontsize=9)
+        axis.set_title(f"{mode}, batch {batch}", fontsize=9)
+    if failures:
+        figure.text(0.01, 0.005, "\n".join(f"({number}) {reason[:150]}"
+                                           for reason, number in failures.items()),
+                    fontsize=6, va="bottom")
     figure.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", fontsize=8,
                   ncols=len(contenders))
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.25 / figure.get_figheight()))
+    caption = 0.12 * len(failures) / figure.get_figheight()
+    figure.tight_layout(rect=(0, caption, 1, 1 - 0.25 / figure.get_figheight()))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -178,8 +191,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         run = json.load(f)
     environment = run["environment"]
     print(f"{environment['device']}, torch {environment['torch']}, triton "
-          f"{environment['triton']}, CUDA {environment['cuda']}, commit "
-          f"{(environment['commit'] or 'unknown')[:10]}\n")
+          f"{environment['triton']}, CUDA {environment['cuda']}, fused_resnet commit "
+          f"{(environment['commit'] or 'unknown')[:10]}"
+          f"{' with uncommitted changes' if environment.get('dirty') else ''}\n")
+    if not environment.get("timings_are_measurements", True):
+        print("CPU run: its timings are not measurements (see fused-resnet-bench's notice); "
+              "only the checks and the errors mean something.\n")
     print(markdown_table(run["results"]))
     if args.plot:
         plot(run["results"], args.plot)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -21,16 +21,13 @@ from torch import nn
 import fused_resnet
 from fused_resnet import models
 from fused_resnet.blocks import FusedBlockMixin
-from fused_resnet.testing import rms
+from fused_resnet.testing import ERROR_FACTOR, rms
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "preact_resnet18",
           "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152"]
 COMPILED = {"compile": None, "compile-max-autotune": "max-autotune"}
 CONTENDERS = ["eager", *COMPILED, "reference", "triton", "cuda"]
 MODES = ["train", "eval"]
-# Relative RMS difference to eager's output above which a contender is called wrong:
-# a few times the rounding of the storage dtype accumulated over a deep network.
-CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 1e-1}
 
 
 @dataclass
@@ -64,25 +61,46 @@ def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def checked_output(module: nn.Module, workload: Workload,
-                   autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
-    """The output a contender's module is checked on: one forward in the workload's mode."""
+                   autocast: Callable[[], AbstractContextManager] = nullcontext,
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The output a contender's module is checked on: one forward in the workload's mode
+    (with the module and input cast to ``dtype`` when given)."""
     module.train(workload.mode == "train")
     with torch.no_grad(), autocast():
-        return module(workload.input)
+        return module.to(dtype)(workload.input.to(dtype or workload.input.dtype))
 
 
-def check(module: nn.Module, workload: Workload, expected: torch.Tensor, dtype: torch.dtype,
+class Expected(NamedTuple):
+    """What a contender's output is checked against: an fp64 run of the eager module, and
+    eager's own relative RMS error to it in the benchmark's precision."""
+
+    truth: torch.Tensor
+    eager_error: float
+
+
+def expected_output(workload: Workload,
+                    autocast: Callable[[], AbstractContextManager] = nullcontext) -> Expected:
+    eager = contender_module("eager", workload.module)
+    truth = checked_output(copy.deepcopy(eager), workload, dtype=torch.float64)
+    return Expected(truth, relative_rms(checked_output(eager, workload, autocast), truth))
+
+
+def check(module: nn.Module, workload: Workload, expected: Expected,
           autocast: Callable[[], AbstractContextManager] = nullcontext) -> float:
-    """The relative RMS difference of the module's output to eager's ``expected``; raises
-    AssertionError above :data:`CHECK_TOLERANCE` for ``dtype``. The forward runs on a copy
-    (compiled modules are checked in place) so that the module keeps the weights and
-    running statistics every contender starts from."""
+    """The relative RMS error of the module's output to the fp64 run; raises
+    AssertionError beyond ``ERROR_FACTOR`` times eager's error in the same precision
+    (plus a few ulps of the dtype), the rule of the equivalence tests. The forward runs
+    on a copy (compiled modules are checked in place) so that the module keeps the
+    weights and running statistics every contender starts from."""
     checked = module if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) \
         else copy.deepcopy(module)
-    error = relative_rms(checked_output(checked, workload, autocast), expected)
-    if error > CHECK_TOLERANCE[dtype]:
-        raise AssertionError(f"output differs from eager: relative RMS {error:.2e} > "
-                             f"{CHECK_TOLERANCE[dtype]:.0e}")
+    output = checked_output(checked, workload, autocast)
+    error = relative_rms(output, expected.truth)
+    bound = ERROR_FACTOR * expected.eager_error + 4 * torch.finfo(output.dtype).eps
+    if error > bound:
+        raise AssertionError(f"output's relative RMS error to an fp64 run {error:.2e} > "
+                             f"{ERROR_FACTOR} x eager's {expected.eager_error:.2e} + "
+                             f"{4 * torch.finfo(output.dtype).eps:.0e}")
     return error
 
 
