@@ -58,7 +58,7 @@ def relative_differences_beyond(result: dict[str, torch.Tensor],
                 failures.append(f"{name}: {result[name].tolist()} != {reference.tolist()}")
             continue
         difference = rms(result[name].double() - reference)
-        if difference > tolerance * rms(reference):
+        if not difference <= tolerance * rms(reference):  # NaN fails, as above
             failures.append(f"{name}: RMS difference {difference:.3e} > {tolerance:.0e} x "
                             f"the tensor's RMS {rms(reference):.3e}")
     return failures
@@ -77,7 +77,9 @@ def _errors_beyond_eager_by_name(fused: dict[str, torch.Tensor],
         floor = 4 * torch.finfo(eager[name].dtype).eps * max(1.0, rms(reference))
         fused_error = rms(fused[name].double() - reference)
         eager_error = rms(eager[name].double() - reference)
-        if fused_error > factor * eager_error + floor:
+        # "not <=": a NaN error (an element the kernel never wrote into a NaN-poisoned
+        # buffer) fails, where "fused_error > bound" would be False and pass.
+        if not fused_error <= factor * eager_error + floor:
             failures[name] = (f"{name}: fused RMS error {fused_error:.3e} > {factor} x eager's "
                               f"{eager_error:.3e} + {floor:.1e}")
     return failures

@@ -2,7 +2,8 @@
 
 import torch
 
-from fused_resnet.testing import errors_beyond_eager, errors_beyond_eager_in_most_draws
+from fused_resnet.testing import (errors_beyond_eager, errors_beyond_eager_in_most_draws,
+                                  relative_differences_beyond)
 
 
 def _draw(fused_error: float, eager_error: float = 1e-3) -> tuple[dict, dict, dict]:
@@ -32,3 +33,11 @@ def test_most_draws_fails_a_tensor_beyond_in_a_majority_only():
     assert len(failures) == 2 and all(f.startswith("grad: ") for f in failures)
     assert errors_beyond_eager_in_most_draws([good, bad]) == []
     assert len(errors_beyond_eager_in_most_draws([bad, bad])) == 2
+
+
+def test_a_nan_result_fails_both_comparisons():
+    # An element a kernel never wrote stays NaN in the poisoned buffers: it must fail.
+    truth = {"a": torch.ones(4, dtype=torch.float64)}
+    fused = {"a": torch.tensor([1.0, float("nan"), 1.0, 1.0])}
+    assert errors_beyond_eager(fused, {"a": torch.ones(4)}, truth) != []
+    assert relative_differences_beyond(fused, truth, 1e-9) != []
