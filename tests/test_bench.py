@@ -40,9 +40,10 @@ def test_model_run_prints_a_table_and_writes_json(tmp_path, capsys):
         assert "cuda" in results["cuda"]["error"] and "images_per_s" not in results["cuda"]
 
 
-def test_a_wrong_contender_gets_its_error_and_no_number(monkeypatch, capsys):
+@pytest.mark.parametrize("factor", [1.5, float("nan")])
+def test_a_wrong_contender_gets_its_error_and_no_number(factor, monkeypatch, capsys):
     real = reference.basic_block
-    monkeypatch.setattr(reference, "basic_block", lambda *a, **k: real(*a, **k) * 1.5)
+    monkeypatch.setattr(reference, "basic_block", lambda *a, **k: real(*a, **k) * factor)
     main(TINY + ["--mode", "eval", "--contenders", "eager", "reference"])
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("reference")][0]
     assert "relative RMS error to an fp64 run" in line
