@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 import fused_resnet
 from blockcases import build_plain, run_steps
 from fused_resnet import backends, structure
-from fused_resnet.testing import errors_beyond_eager_in_most_draws
+from fused_resnet.testing import errors_beyond_eager_redrawing
 
 # bf16 products are wrong under the Triton interpreter (DESIGN.md): GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available()
@@ -43,12 +43,12 @@ def block_configs(draw):
 def test_fused_backend_matches_reference_on_drawn_blocks(backend, config):
     case, (batch, h, w), mode, dtype = config
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Three draws of weights and input (fixed seeds: hypothesis replays an example the
-    # same way), judged by the majority: one draw of a tensor with a handful of elements
-    # cannot decide (errors_beyond_eager_in_most_draws; the long profile found a 6-element
-    # fp32 weight gradient at 3.4x in one draw, within 2x in the nine others).
-    draws = []
-    for seed in range(3):
+    # Up to three draws of weights and input (fixed seeds: hypothesis replays an example
+    # the same way), re-drawn only where the first has a tensor beyond the bound: one draw
+    # of a tensor with a handful of elements cannot fail it (errors_beyond_eager_redrawing;
+    # the long profile found a 6-element fp32 weight gradient at 3.4x in one draw, within
+    # 2x in the nine others).
+    def draw(seed):
         torch.manual_seed(seed)
         block = build_plain(case).to(device)
         x = torch.randn(batch, case[1], h, w, device=device)
@@ -61,5 +61,6 @@ def test_fused_backend_matches_reference_on_drawn_blocks(backend, config):
         truth = run_steps(fused_resnet.convert(copy.deepcopy(block).double(),
                                                backend="reference"), steps)
         eager = run_steps(fused_resnet.convert(block.to(dtype), backend="reference"), steps)
-        draws.append((run_steps(fused_block, steps), eager, truth))
-    assert errors_beyond_eager_in_most_draws(draws) == []
+        return run_steps(fused_block, steps), eager, truth
+
+    assert errors_beyond_eager_redrawing(draw) == []

@@ -3,6 +3,7 @@
 import torch
 
 from fused_resnet.testing import (errors_beyond_eager, errors_beyond_eager_in_most_draws,
+                                  errors_beyond_eager_redrawing,
                                   relative_differences_beyond)
 
 
@@ -33,6 +34,25 @@ def test_most_draws_fails_a_tensor_beyond_in_a_majority_only():
     assert len(failures) == 2 and all(f.startswith("grad: ") for f in failures)
     assert errors_beyond_eager_in_most_draws([good, bad]) == []
     assert len(errors_beyond_eager_in_most_draws([bad, bad])) == 2
+
+
+def test_redrawing_draws_again_only_after_a_failure_and_judges_the_majority():
+    good, bad = _draw(1e-3), _draw(1e-2)
+
+    def drawing(sequence):
+        drawn = []
+
+        def draw(index):
+            drawn.append(index)
+            return sequence[index]
+        return draw, drawn
+
+    draw, drawn = drawing([good, bad, bad])
+    assert errors_beyond_eager_redrawing(draw) == [] and drawn == [0]
+    draw, drawn = drawing([bad, good, good])
+    assert errors_beyond_eager_redrawing(draw) == [] and drawn == [0, 1, 2]
+    draw, drawn = drawing([bad, good, bad])
+    assert len(errors_beyond_eager_redrawing(draw)) == 2 and drawn == [0, 1, 2]
 
 
 def test_a_nan_result_fails_both_comparisons():
