@@ -88,12 +88,23 @@ def statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean: Tensor
     return _channels_last((grad.to(acc) + statistics_term / count).to(y.dtype))
 
 
+def _output_gradient(grad: Tensor, statistics: tuple) -> Tensor:
+    """The gradient of a conv's raw output: ``grad``, plus the term through its batch
+    statistics where ``statistics`` = (y, mean, grad_mean, grad_var) is given."""
+    return statistics_backward(grad, *statistics) if statistics[0] is not None else grad
+
+
 def conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
-               in_scale: Optional[Tensor],
-               in_shift: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+               in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+               y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
+               grad_mean: Optional[Tensor] = None,
+               grad_var: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of :func:`fused_conv`'s ``x`` (through the prologue) from the gradient of
     its raw conv output: (grad_x, grad_in_scale, grad_in_shift), the last two empty without
-    a prologue."""
+    a prologue. With ``y`` (that output, whose per-channel mean and biased var reached the
+    loss with gradients ``grad_mean``, ``grad_var``), ``grad`` is dL/dy without that path:
+    its :func:`statistics_backward` term is added first."""
+    grad = _output_gradient(grad, (y, mean, grad_mean, grad_var))
     grad_input = torch.nn.grad.conv2d_input(x.shape, weight, grad, stride=stride,
                                             padding=_padding(weight))
     if in_scale is None:
@@ -103,8 +114,13 @@ def conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
 
 
 def conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride: int,
-               in_scale: Optional[Tensor], in_shift: Optional[Tensor]) -> Tensor:
-    """Gradient of :func:`fused_conv`'s ``weight``, in its dtype and memory layout."""
+               in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+               y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
+               grad_mean: Optional[Tensor] = None,
+               grad_var: Optional[Tensor] = None) -> Tensor:
+    """Gradient of :func:`fused_conv`'s ``weight``, in its dtype and memory layout;
+    ``y`` .. ``grad_var`` as in :func:`conv_dgrad`."""
+    grad = _output_gradient(grad, (y, mean, grad_mean, grad_var))
     grad_weight = torch.nn.grad.conv2d_weight(_prologue(x, in_scale, in_shift), weight.shape,
                                               grad, stride=stride, padding=_padding(weight))
     return torch.empty_like(weight).copy_(grad_weight)

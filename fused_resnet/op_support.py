@@ -53,19 +53,15 @@ def conv_fake(x, weight, stride, in_scale, in_shift, out_scale, out_shift, resid
             x.new_empty(stats_size, dtype=statistics_dtype(x)))
 
 
-def conv_dgrad_fake(grad, weight, x, stride, in_scale, in_shift):
+def conv_dgrad_fake(grad, weight, x, stride, in_scale, in_shift, *statistics):
     size = 0 if in_scale is None else x.shape[1]
     return (torch.empty_like(x, memory_format=_CHANNELS_LAST),
             x.new_empty(size, dtype=statistics_dtype(x)),
             x.new_empty(size, dtype=statistics_dtype(x)))
 
 
-def conv_wgrad_fake(grad, x, weight, stride, in_scale, in_shift):
+def conv_wgrad_fake(grad, x, weight, stride, in_scale, in_shift, *statistics):
     return torch.empty_like(weight)
-
-
-def statistics_backward_fake(grad, y, mean, grad_mean, grad_var):
-    return torch.empty_like(y, memory_format=_CHANNELS_LAST)
 
 
 def bn_scale_shift_fake(mean, var, weight, bias, eps):
@@ -103,20 +99,22 @@ def _conv_setup_context(ctx, inputs, output):
 
 def _epilogue_gradient(ctx, grad_y: Tensor, y: Tensor, mean: Tensor, out_scale,
                        grad_mean, grad_var,
-                       statistics_backward: Optional[Callable]) -> tuple[Tensor, Tensor]:
-    """(dL/d acc, channels_last in x's dtype: what dgrad and wgrad read; dL/d residual).
+                       backward_ops_take_statistics: bool) -> tuple[Tensor, tuple, Tensor]:
+    """(the gradient dgrad and wgrad read, channels_last in x's dtype; the statistics
+    arguments they add to it, (y, mean, grad_mean, grad_var) or (); dL/d residual).
 
     The blocks' training convs have either statistics or a residual, no other epilogue:
-    both cost at most one pass in the storage dtype. Other epilogues (ReLU, scale) take
-    the fp32 formula."""
+    with backward ops that add the statistics term themselves neither costs a pass; else
+    the statistics term is at most one pass in the storage dtype. Other epilogues (ReLU,
+    scale) take the fp32 formula."""
     if not ctx.out_relu and out_scale is None:
-        if ctx.statistics and statistics_backward is not None:
+        if ctx.statistics and backward_ops_take_statistics:
             grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
             grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
-            return statistics_backward(grad_y, y, mean, grad_mean, grad_var), None
+            return grad_y, (y, mean, grad_mean, grad_var), None
         if not ctx.statistics:
             grad = channels_last(grad_y.to(y.dtype))
-            return grad, (grad if ctx.has_residual else None)
+            return grad, (), (grad if ctx.has_residual else None)
     grad = grad_y.to(statistics_dtype(grad_y))
     if ctx.statistics:
         grad = grad + _statistics_gradient(y, mean, grad_mean, grad_var)
@@ -125,29 +123,31 @@ def _epilogue_gradient(ctx, grad_y: Tensor, y: Tensor, mean: Tensor, out_scale,
     grad_residual = grad.to(y.dtype) if ctx.has_residual else None
     if out_scale is not None:
         grad = grad * _per_channel(out_scale)
-    return channels_last(grad.to(y.dtype)), grad_residual
+    return channels_last(grad.to(y.dtype)), (), grad_residual
 
 
 def register_conv_autograd(conv: object, dgrad: Callable, wgrad: Callable,
-                           statistics_backward: Optional[Callable] = None) -> None:
-    """Autograd of a fused conv op from its backend's dgrad and wgrad ops, and the op
-    that takes a gradient through batch statistics in one pass (else an fp32 chain)."""
+                           backward_ops_take_statistics: bool = False) -> None:
+    """Autograd of a fused conv op from its backend's dgrad and wgrad ops. With
+    ``backward_ops_take_statistics`` they take (y, mean, grad_mean, grad_var) after their
+    usual arguments and add the gradient through the batch statistics of the conv output
+    y themselves; else it is added here (a chain of fp32 aten ops)."""
     def backward(ctx, grad_y, grad_mean, grad_var):
         x, weight, in_scale, in_shift, out_scale, y, mean = ctx.saved_tensors
         if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
             raise RuntimeError("fused conv: gradients of out_scale/out_shift are not "
                                "implemented; fold BatchNorm into the epilogue only when no "
                                "gradient is needed (fused_resnet's blocks do)")
-        grad, grad_residual = _epilogue_gradient(ctx, grad_y, y, mean, out_scale, grad_mean,
-                                                 grad_var, statistics_backward)
+        grad, statistics, grad_residual = _epilogue_gradient(
+            ctx, grad_y, y, mean, out_scale, grad_mean, grad_var, backward_ops_take_statistics)
         grad_x = grad_weight = grad_in_scale = grad_in_shift = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             grad_x, grad_in_scale, grad_in_shift = dgrad(grad, weight, x, ctx.stride, in_scale,
-                                                         in_shift)
+                                                         in_shift, *statistics)
             if in_scale is None:
                 grad_in_scale = grad_in_shift = None
         if ctx.needs_input_grad[1]:
-            grad_weight = wgrad(grad, x, weight, ctx.stride, in_scale, in_shift)
+            grad_weight = wgrad(grad, x, weight, ctx.stride, in_scale, in_shift, *statistics)
         return (grad_x, grad_weight, None, grad_in_scale, grad_in_shift, None, None,
                 grad_residual, None, None)
 

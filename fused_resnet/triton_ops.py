@@ -15,11 +15,12 @@ Forward ops and what they fuse:
   triton_bn_scale_shift     a BN's statistics to the scale/shift its consumers apply
   triton_bn_train_finalize  the same in training, with the running statistics updated
 Their backward passes are ops too (triton_conv_dgrad, triton_conv_wgrad,
-triton_statistics_backward, triton_bn_add_relu_backward, triton_bn_scale_shift_backward).
+triton_bn_add_relu_backward, triton_bn_scale_shift_backward); the gradient through a
+conv's batch statistics is added inside its dgrad and wgrad.
 The fakes and the conv and statistics autograd formulas are shared with the cuda backend
 (:mod:`fused_resnet.op_support`); the plain-PyTorch meaning of each op is in
 :mod:`fused_resnet.reference` and :mod:`fused_resnet.op_reference` (``fused_conv``,
-``conv_dgrad``, ``conv_wgrad``, ``statistics_backward``, ``scale_shift_add_relu``,
+``conv_dgrad``, ``conv_wgrad``, ``scale_shift_add_relu``,
 ``batch_statistics``, ``normalization``).
 """
 
@@ -87,13 +88,27 @@ def triton_conv(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tenso
 triton_conv.register_fake(op_support.conv_fake)
 
 
+def _statistics_arguments(y: Optional[Tensor], mean: Optional[Tensor],
+                          grad_mean: Optional[Tensor], grad_var: Optional[Tensor]):
+    """(y, mean, grad_mean, grad_var) as the backward kernels read them, or None."""
+    if y is None:
+        return None
+    return (_channels_last(y), *_dense(mean, grad_mean, grad_var))
+
+
 @_op("triton_conv_dgrad")
 def triton_conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
-                      in_scale: Optional[Tensor],
-                      in_shift: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_x, grad_in_scale, grad_in_shift); the last two empty without a prologue."""
+                      in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                      y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
+                      grad_mean: Optional[Tensor] = None,
+                      grad_var: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_in_scale, grad_in_shift); the last two empty without a prologue.
+    With ``y`` (the forward's output, whose batch statistics ``mean`` and var reached the
+    loss with gradients ``grad_mean``, ``grad_var``), ``grad`` is dL/dy without them: see
+    :func:`op_reference.conv_dgrad`."""
     grad_x, grad_scale, grad_shift = conv_backward.conv_dgrad(
-        _channels_last(grad), weight, x, stride, in_scale, in_shift)
+        _channels_last(grad), weight, x, stride, in_scale, in_shift,
+        _statistics_arguments(y, mean, grad_mean, grad_var))
     if grad_scale is None:
         return grad_x, _empty_like_channel(x), _empty_like_channel(x)
     return grad_x, grad_scale, grad_shift
@@ -104,30 +119,22 @@ triton_conv_dgrad.register_fake(op_support.conv_dgrad_fake)
 
 @_op("triton_conv_wgrad")
 def triton_conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride: int,
-                      in_scale: Optional[Tensor], in_shift: Optional[Tensor]) -> Tensor:
-    """dL/dW in the dtype and memory layout of ``weight``."""
+                      in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                      y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
+                      grad_mean: Optional[Tensor] = None,
+                      grad_var: Optional[Tensor] = None) -> Tensor:
+    """dL/dW in the dtype and memory layout of ``weight``; ``y`` .. ``grad_var`` as in
+    :func:`triton_conv_dgrad`."""
     return conv_backward.conv_wgrad(_channels_last(grad), x, weight, stride, in_scale,
-                                    in_shift)
+                                    in_shift, _statistics_arguments(y, mean, grad_mean,
+                                                                    grad_var))
 
 
 triton_conv_wgrad.register_fake(op_support.conv_wgrad_fake)
 
 
-@_op("triton_statistics_backward")
-def triton_statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean: Tensor,
-                               grad_var: Tensor) -> Tensor:
-    """dL/dy = grad + (grad_mean[c] + 2 grad_var[c] (y - mean[c])) / count, channels_last,
-    in y's dtype, for (mean, biased var) of y per channel over count values."""
-    # Per-channel vectors dense: a gradient of a sum arrives expanded (stride 0).
-    return elementwise.statistics_backward(_channels_last(grad), _channels_last(y),
-                                           *_dense(mean, grad_mean, grad_var))
-
-
-triton_statistics_backward.register_fake(op_support.statistics_backward_fake)
-
-
 op_support.register_conv_autograd(triton_conv, triton_conv_dgrad, triton_conv_wgrad,
-                                  triton_statistics_backward)
+                                  backward_ops_take_statistics=True)
 
 
 # --- BN-apply + shortcut + ReLU --------------------------------------------------------

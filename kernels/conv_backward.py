@@ -7,7 +7,7 @@ import triton.language as tl
 
 from . import tuning
 from .conv_forward import dot_precision, relu_keeping_nan, split_pixel_index, tile_indices
-from .statistics import record_tile_count, sum_buffers, sum_tiles
+from .statistics import record_tile_count, sum_buffers, sum_tiles, with_statistics_term
 
 _CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 # wgrad reduces over every output pixel; splitting that reduction over this many pixels
@@ -20,11 +20,11 @@ _WGRAD_PIXELS_PER_SPLIT = 8192
 @triton.jit
 def conv_dgrad_kernel(
         g_ptr, w_ptr, x_ptr, in_scale_ptr, in_shift_ptr, grad_x_ptr, sum_ptr, sum_x_ptr,
-        tiles_ptr,
+        tiles_ptr, y_ptr, mean_ptr, grad_mean_ptr, grad_var_ptr,
         M, H, W, C_in, Ho, Wo, C_out,
         sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, sw_h, sw_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        PROLOGUE: tl.constexpr, STATISTICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M input pixels, BLOCK_N input channels] tile of the input gradient.
 
@@ -36,6 +36,10 @@ def conv_dgrad_kernel(
     With ``PROLOGUE`` (the forward applied a = relu(x * scale + shift)) the epilogue
     recomputes the ReLU mask from ``x``, writes grad_x = dL/da * mask * scale, and per-tile
     sums of dL/da * mask and dL/da * mask * x: the gradients of shift and scale.
+
+    With ``STATISTICS`` (the forward's output ``y`` also gave its batch statistics) ``g``
+    is dL/dy without them, and the gradient through (mean, var) of ``y`` is added while
+    loading g (:func:`with_statistics_term`; ``y`` channels_last-contiguous like ``g``).
     """
     rows, channels, row_valid, channel_valid = tile_indices(M, C_in, BLOCK_M, BLOCK_N)
     image, h_, w_ = split_pixel_index(rows, H, W)
@@ -54,8 +58,18 @@ def conv_dgrad_kernel(
         for c0 in range(0, C_out, BLOCK_K):
             k = c0 + k_range
             k_valid = k < C_out
-            g = tl.load(g_ptr + g_rows[:, None] * C_out + k[None, :],
-                        mask=valid[:, None] & k_valid[None, :], other=0.0)
+            g_offsets = g_rows[:, None] * C_out + k[None, :]
+            g_mask = valid[:, None] & k_valid[None, :]
+            g = tl.load(g_ptr + g_offsets, mask=g_mask, other=0.0)
+            if STATISTICS:
+                g = with_statistics_term(
+                    g, tl.load(y_ptr + g_offsets, mask=g_mask, other=0.0),
+                    tl.load(mean_ptr + k, mask=k_valid, other=0.0)[None, :],
+                    tl.load(grad_mean_ptr + k, mask=k_valid, other=0.0)[None, :],
+                    tl.load(grad_var_ptr + k, mask=k_valid, other=0.0)[None, :],
+                    M // (H * W) * Ho * Wo)  # y's pixels: its count per channel
+                # Padding taps and masked channels load g = 0 but not a 0 term.
+                g = tl.where(g_mask, g, 0.0).to(g_ptr.dtype.element_ty)
             b = tl.load(w_ptr + k[:, None] * sw_o + channels[None, :] * sw_i + kh * sw_h
                         + kw * sw_w, mask=k_valid[:, None] & channel_valid[None, :], other=0.0)
             acc += tl.dot(g, b, input_precision=DOT_PRECISION)
@@ -79,11 +93,12 @@ def conv_dgrad_kernel(
 @triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE"])
 @triton.jit
 def conv_wgrad_kernel(
-        g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, dw_ptr,
+        g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, dw_ptr, y_ptr, mean_ptr, grad_mean_ptr,
+        grad_var_ptr,
         M, H, W, C_in, Ho, Wo, C_out, pixels_per_split,
         sx_n, sx_c, sx_h, sx_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        PROLOGUE: tl.constexpr, STATISTICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M out channels, BLOCK_N in channels] tile of one tap of one split of dW.
 
@@ -91,7 +106,8 @@ def conv_wgrad_kernel(
     strides; ``dw`` fp32 [splits, C_out, KH*KW, C_in], summed over splits by the caller.
     The reduction runs over this split's output pixels. With ``PROLOGUE`` the activation
     relu(x * scale + shift) is recomputed from ``x`` while loading, with zero padding
-    applied after it, exactly as the forward saw it.
+    applied after it, exactly as the forward saw it. ``STATISTICS`` as in
+    :func:`conv_dgrad_kernel`.
     """
     out_channels, in_channels, out_valid, in_valid = tile_indices(C_out, C_in, BLOCK_M, BLOCK_N)
     tap = tl.program_id(2) % (KH * KW)
@@ -101,6 +117,10 @@ def conv_wgrad_kernel(
     if PROLOGUE:
         scale = tl.load(in_scale_ptr + in_channels, mask=in_valid, other=0.0)
         shift = tl.load(in_shift_ptr + in_channels, mask=in_valid, other=0.0)
+    if STATISTICS:
+        mean = tl.load(mean_ptr + out_channels, mask=out_valid, other=0.0)[:, None]
+        grad_mean = tl.load(grad_mean_ptr + out_channels, mask=out_valid, other=0.0)[:, None]
+        grad_var = tl.load(grad_var_ptr + out_channels, mask=out_valid, other=0.0)[:, None]
     start = split * pixels_per_split
     end = tl.minimum(start + pixels_per_split, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -111,8 +131,14 @@ def conv_wgrad_kernel(
         hi = ho * STRIDE - PAD + kh
         wi = wo * STRIDE - PAD + kw
         x_valid = pixel_valid & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        g = tl.load(g_ptr + pixels.to(tl.int64)[None, :] * C_out + out_channels[:, None],
-                    mask=out_valid[:, None] & pixel_valid[None, :], other=0.0)
+        g_offsets = pixels.to(tl.int64)[None, :] * C_out + out_channels[:, None]
+        g_mask = out_valid[:, None] & pixel_valid[None, :]
+        g = tl.load(g_ptr + g_offsets, mask=g_mask, other=0.0)
+        if STATISTICS:
+            # Masked lanes get a nonzero term, but meet a = 0 (pixels past the split) or
+            # are never stored (channels past C_out): no mask needed.
+            g = with_statistics_term(g, tl.load(y_ptr + g_offsets, mask=g_mask, other=0.0),
+                                     mean, grad_mean, grad_var, M).to(g_ptr.dtype.element_ty)
         a_mask = x_valid[:, None] & in_valid[None, :]
         a = tl.load(x_ptr + (image * sx_n + hi * sx_h + wi * sx_w)[:, None]
                     + in_channels[None, :] * sx_c, mask=a_mask, other=0.0)
@@ -125,9 +151,13 @@ def conv_wgrad_kernel(
     tl.store(dw_ptr + offsets, acc, mask=out_valid[:, None] & in_valid[None, :])
 
 
-def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None):
+def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None, statistics=None):
     """dL/dx of ``fused_conv_forward``, channels_last; with a prologue also the gradients
-    of ``in_scale`` and ``in_shift``. ``grad`` must be channels_last-contiguous."""
+    of ``in_scale`` and ``in_shift``. ``grad`` must be channels_last-contiguous.
+
+    ``statistics``: None, or (y, mean, grad_mean, grad_var) when the forward's output ``y``
+    (channels_last-contiguous) also gave its batch statistics: ``grad`` is then dL/dy
+    without them and their term is added as g is loaded (no pass of its own)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     _, _, ho, wo = grad.shape
@@ -139,12 +169,15 @@ def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None):
     sums, tiles = (sum_buffers(2, tuning.max_tiles(conv_dgrad_kernel, m), c_in, x.device)
                    if prologue else ((grad_x, grad_x), grad_x))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))
+    # Without a prologue x is not read (only its shape is used): grad_x stands in for it
+    # and the other absent pointers, so that no launch is seen reading it.
     tuning.launcher(conv_dgrad_kernel)[grid](
-        grad, weight, x, in_scale if prologue else grad_x, in_shift if prologue else grad_x,
-        grad_x, sums[0], sums[1], tiles, m, h, w, c_in, ho, wo, c_out, *x.stride(),
+        grad, weight, x if prologue else grad_x, in_scale if prologue else grad_x,
+        in_shift if prologue else grad_x, grad_x, sums[0], sums[1], tiles,
+        *(statistics or (grad_x,) * 4), m, h, w, c_in, ho, wo, c_out, *x.stride(),
         *weight.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
-        DOT_PRECISION=dot_precision(x.dtype))
+        STATISTICS=statistics is not None, DOT_PRECISION=dot_precision(x.dtype))
     if not prologue:
         return grad_x, None, None
     grad_shift, grad_scale = sum_tiles(sums, tiles)
@@ -175,9 +208,9 @@ def sum_splits_kernel(partial_ptr, out_ptr, SPLITS, C_out, C_in, so_o, so_i, so_
 _SUM_SPLITS_BLOCK = 1024
 
 
-def conv_wgrad(grad, x, weight, stride, in_scale=None, in_shift=None):
+def conv_wgrad(grad, x, weight, stride, in_scale=None, in_shift=None, statistics=None):
     """dL/dW of ``fused_conv_forward``, in the dtype and memory layout of ``weight``.
-    ``grad`` must be channels_last-contiguous."""
+    ``grad`` must be channels_last-contiguous; ``statistics`` as in :func:`conv_dgrad`."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     _, _, ho, wo = grad.shape
@@ -190,9 +223,10 @@ def conv_wgrad(grad, x, weight, stride, in_scale=None, in_shift=None):
                          splits * kh * kw)
     tuning.launcher(conv_wgrad_kernel)[grid](
         grad, x, in_scale if prologue else partial, in_shift if prologue else partial,
-        partial, m, h, w, c_in, ho, wo, c_out, triton.cdiv(m, splits), *x.stride(),
+        partial, *(statistics or (partial,) * 4), m, h, w, c_in, ho, wo, c_out,
+        triton.cdiv(m, splits), *x.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
-        DOT_PRECISION=dot_precision(x.dtype))
+        STATISTICS=statistics is not None, DOT_PRECISION=dot_precision(x.dtype))
     grad_weight = torch.empty_like(weight)
     tuning.launcher(sum_splits_kernel)[(triton.cdiv(partial[0].numel(), _SUM_SPLITS_BLOCK),)](
         partial, grad_weight, splits, c_out, c_in, *grad_weight.stride(), KH=kh, KW=kw,

@@ -2,8 +2,8 @@
 
 The BN-apply + shortcut + ReLU that ends a post-activation training block (its BN needs
 the whole batch's statistics, so it cannot sit in the producing conv's epilogue), its
-backward, the batch statistics of a tensor no kernel of ours produced (the input of a
-pre-activation block), and the gradient of a conv output through its batch statistics.
+backward, and the batch statistics of a tensor no kernel of ours produced (the input of
+a pre-activation block).
 """
 
 import torch
@@ -102,28 +102,6 @@ def channel_statistics_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, tiles_ptr, M, 
                           channel_valid, count_ptr, mean_ptr, m2_ptr, tiles_ptr, C)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "C"])
-@triton.jit
-def statistics_backward_kernel(g_ptr, y_ptr, mean_ptr, grad_mean_ptr, grad_var_ptr, out_ptr,
-                               M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out = g + (grad_mean[c] + 2 grad_var[c] (y - mean[c])) / M, fp32 math, one rounding.
-
-    The gradient of ``y`` when its per-channel mean and biased variance (over the M
-    pixels) also reach the loss: one read of g and y and one write in the storage dtype,
-    where the same formula in PyTorch is a chain of fp32 passes. Centred on the mean
-    before the product, so it stays exact when |mean| >> std. ``g``, ``y``, ``out``:
-    channels_last-contiguous [M, C].
-    """
-    rows, channels, row_valid, channel_valid, offsets = _tile(M, C, BLOCK_M, BLOCK_C)
-    mask = row_valid[:, None] & channel_valid[None, :]
-    y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    centred = y - _per_channel(mean_ptr, channels, channel_valid)
-    statistics_term = (_per_channel(grad_mean_ptr, channels, channel_valid)
-                       + 2.0 * _per_channel(grad_var_ptr, channels, channel_valid) * centred)
-    out = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + statistics_term / M
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def _rows_and_grid(x):
     m, c = x.numel() // x.shape[1], x.shape[1]
     return m, c, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
@@ -152,23 +130,15 @@ def bn_add_relu_backward(grad, y, a, a_scale, residual=None, r_scale=None, relu=
     grad_r = None if residual is None else torch.empty_like(residual,
                                                             memory_format=torch.channels_last)
     affine = r_scale is not None
+    # The residual itself is read only for its scale's gradient: a stands in for it
+    # otherwise, so that no launch is seen reading it.
     tuning.launcher(bn_add_relu_backward_kernel)[grid](
-        grad, y, a, a_scale, a if residual is None else residual,
+        grad, y, a, a_scale, residual if affine else a,
         r_scale if affine else a_scale, grad_a, grad_a if grad_r is None else grad_r, *sums,
         tiles, m, c, RESIDUAL=residual is not None, RESIDUAL_AFFINE=affine, RELU=relu)
     grad_shift, grad_scale, grad_r_scale = sum_tiles(sums, tiles)
     return (grad_a, grad_scale, grad_shift, grad_r,
             grad_r_scale if affine else None, grad_shift.clone() if affine else None)
-
-
-def statistics_backward(grad, y, mean, grad_mean, grad_var):
-    """Launch :func:`statistics_backward_kernel`; ``grad`` and ``y`` channels_last-contiguous,
-    the result in ``y``'s dtype."""
-    m, c, grid = _rows_and_grid(y)
-    out = torch.empty_like(y, memory_format=torch.channels_last)
-    tuning.launcher(statistics_backward_kernel)[grid](grad, y, mean, grad_mean, grad_var, out,
-                                                      m, c)
-    return out
 
 
 def channel_statistics(x):

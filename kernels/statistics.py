@@ -46,6 +46,17 @@ def record_tile_count(tiles_ptr):
 
 
 @triton.jit
+def with_statistics_term(g, y, mean, grad_mean, grad_var, count):
+    """``g + (grad_mean + 2 grad_var (y - mean)) / count`` in fp32: the gradient of ``y``
+    when its per-channel mean and biased variance over ``count`` values also reach the
+    loss (per-channel operands broadcast by the caller). Centred on the mean before the
+    product, so it stays exact when |mean| >> std. The backward kernels apply it while
+    loading the output gradient, so it costs no pass of its own."""
+    centred = y.to(tl.float32) - mean
+    return g.to(tl.float32) + (grad_mean + 2.0 * grad_var * centred) / count
+
+
+@triton.jit
 def sum_tiles_kernel(partials_ptr, tiles_ptr, sum0_ptr, sum1_ptr, sum2_ptr, MAX_TILES, C,
                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum<k>[c] = the sum over the first ``tiles`` rows of partials[k, :, c]

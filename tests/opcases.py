@@ -8,7 +8,7 @@ from fused_resnet import op_reference, reference
 from fused_resnet.kernels import conv_backward, statistics
 from fused_resnet.testing import errors_beyond_eager
 from fused_resnet.triton_ops import (triton_bn_add_relu, triton_channel_stats, triton_conv,
-                                     triton_statistics_backward)
+                                     triton_conv_dgrad, triton_conv_wgrad)
 
 # (batch, C_in, H, W, C_out, kernel, stride): odd sizes, channels not multiples of the
 # 16-wide interpreter tile, stride 2, 1x1, 3x3 and the 7x7 stem.
@@ -155,23 +155,38 @@ def check_bn_add_relu(shape, residual_kind, memory_format, device):
         assert failures == [], f"{dtype}: {failures}"
 
 
-def check_statistics_backward(shape, offset_of_mean, device):
-    """triton_statistics_backward against eager and fp64; ``offset_of_mean`` added to the
-    values (a large one checks that the kernel centres before the product)."""
-    channels = shape[1]
+def check_backward_with_statistics(case, offset_of_mean, device):
+    """triton_conv_dgrad and triton_conv_wgrad adding the gradient through the batch
+    statistics of the conv output y (as the blocks' training convs use them), with a
+    prologue, against eager and fp64; ``offset_of_mean`` added to y (a large one checks
+    that the term is centred on the mean before the product)."""
+    n, c_in, h, w, c_out, k, stride = case
     for dtype in dtypes(device):
-        y64 = torch.randn(shape, device=device, dtype=torch.float64) + offset_of_mean
-        grad64 = torch.randn_like(y64)
-        mean64 = y64.mean((0, 2, 3))
-        grad_mean64, grad_var64 = (torch.randn(channels, device=device, dtype=torch.float64)
-                                   for _ in range(2))
-        truth = op_reference.statistics_backward(grad64, y64, mean64, grad_mean64, grad_var64)
-        inputs = [t.to(dtype) for t in (grad64, y64)] + [t.float() for t in (
-            mean64, grad_mean64, grad_var64)]
-        fused = triton_statistics_backward(*inputs)
-        eager = op_reference.statistics_backward(*inputs)
-        assert fused.dtype == dtype and fused.is_contiguous(memory_format=torch.channels_last)
-        failures = errors_beyond_eager({"out": fused}, {"out": eager}, {"out": truth})
+        _, inputs = conv_inputs(case, torch.float64, device, "prologue_statistics")
+        ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+        y = torch.randn(n, c_out, ho, wo, device=device, dtype=torch.float64) + offset_of_mean
+        per_channel = [y.mean((0, 2, 3))] + [torch.randn(c_out, device=device,
+                                                         dtype=torch.float64)
+                                             for _ in range(2)]
+        tensors = {"grad": torch.randn_like(y), "x": inputs["x"], "weight": inputs["weight"],
+                   "y": y}
+        results = {}
+        for name, dgrad, wgrad, cast in [
+                ("truth", op_reference.conv_dgrad, op_reference.conv_wgrad, torch.float64),
+                ("eager", op_reference.conv_dgrad, op_reference.conv_wgrad, dtype),
+                ("fused", triton_conv_dgrad, triton_conv_wgrad, dtype)]:
+            grad, x, weight, y_ = (t.to(cast) for t in tensors.values())
+            vector_dtype = torch.promote_types(cast, torch.float32)
+            scale_shift = [inputs[key].to(vector_dtype) for key in ("in_scale", "in_shift")]
+            statistics = [y_] + [v.to(vector_dtype) for v in per_channel]
+            grad_x, grad_scale, grad_shift = dgrad(grad, weight, x, stride, *scale_shift,
+                                                   *statistics)
+            results[name] = {"grad_x": grad_x, "grad_scale": grad_scale,
+                             "grad_shift": grad_shift,
+                             "grad_weight": wgrad(grad, x, weight, stride, *scale_shift,
+                                                  *statistics)}
+        assert results["fused"]["grad_x"].dtype == dtype
+        failures = errors_beyond_eager(results["fused"], results["eager"], results["truth"])
         assert failures == [], f"{dtype}: {failures}"
 
 

@@ -17,13 +17,12 @@ import torch
 from fused_resnet import kernels
 from fused_resnet.kernels import conv_backward, conv_forward, elementwise, tuning
 from opcases import (CONV_CASES, check_bn_add_relu, check_channel_statistics,
-                     check_statistics_backward, check_triton_conv, cross_reduction_thresholds)
+                     check_triton_conv, cross_reduction_thresholds)
 
 GEMM_KERNELS = [conv_forward.fused_conv_forward_kernel, conv_backward.conv_dgrad_kernel,
                 conv_backward.conv_wgrad_kernel]
 ELEMENTWISE_KERNELS = [elementwise.bn_add_relu_kernel, elementwise.bn_add_relu_backward_kernel,
-                       elementwise.channel_statistics_kernel,
-                       elementwise.statistics_backward_kernel]
+                       elementwise.channel_statistics_kernel]
 # Channels wider than the widest interpreter tile (32) and multiples of no tile size;
 # stride 2 and 3x3; 70 input and 24 output pixels.
 WIDE_CONV_CASE = (2, 35, 5, 7, 37, 3, 2)
@@ -57,7 +56,6 @@ def test_every_elementwise_config(index, device, poisoned_allocations, monkeypat
         monkeypatch.setattr(kernel, "configs", [config])
     cross_reduction_thresholds(monkeypatch)
     check_bn_add_relu(WIDE_SHAPE, "projection", torch.channels_last, device)
-    check_statistics_backward(WIDE_SHAPE, 0.0, device)
     check_channel_statistics(WIDE_SHAPE, device)
 
 

@@ -14,10 +14,9 @@ from fused_resnet.kernels import batch_norm_finalize
 from fused_resnet.reference import BatchNormParams, Finalize, normalization
 from fused_resnet.testing import errors_beyond_eager
 from fused_resnet.triton_ops import (triton_bn_add_relu, triton_channel_stats, triton_conv,
-                                     triton_conv_dgrad, triton_conv_wgrad,
-                                     triton_statistics_backward)
-from opcases import (CONV_CASES, FUSIONS, STEM_CASE, check_bn_add_relu,
-                     check_channel_statistics, check_statistics_backward, check_triton_conv,
+                                     triton_conv_dgrad, triton_conv_wgrad)
+from opcases import (CONV_CASES, FUSIONS, STEM_CASE, check_backward_with_statistics,
+                     check_bn_add_relu, check_channel_statistics, check_triton_conv,
                      conv_inputs, conv_results, cross_reduction_thresholds,
                      triton_conv_outputs)
 
@@ -51,10 +50,12 @@ def test_bn_add_relu_forward_and_backward(residual_kind, channels_last, device,
 
 
 @pytest.mark.parametrize("offset_of_mean", [0.0, 1e3])
-def test_statistics_backward_against_fp64(offset_of_mean, device, poisoned_allocations):
-    # 7 channels, 3x5x3 pixels: neither a multiple of the interpreter tile; a large mean
-    # (|mean| / std = 1000) checks that the kernel centres before the product.
-    check_statistics_backward((3, 7, 5, 3), offset_of_mean, device)
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1]], ids=str)
+def test_backward_ops_add_the_statistics_gradient(case, offset_of_mean, device,
+                                                  poisoned_allocations):
+    # 3x3 stride 1 and 2, channels not multiples of the interpreter tiles; a large mean
+    # (|mean| / std = 1000) checks that the term is centred before the product.
+    check_backward_with_statistics(case, offset_of_mean, device)
 
 
 def test_channel_stats_and_their_gradient(device):
@@ -82,6 +83,7 @@ def _opcheck_samples(device):
     grad = torch.randn(3, 7, 4, 5, device=device)
     a = torch.randn(2, 5, 3, 3, device=device)
     s = torch.randn(5, device=device)
+    three_channels = [torch.randn(7, device=device) for _ in range(3)]  # mean, grad_mean/var
     return [
         (triton_conv, (fused["x"], fused["weight"], stride, fused["in_scale"],
                        fused["in_shift"], None, None, None, False, True)),
@@ -89,14 +91,17 @@ def _opcheck_samples(device):
                        epilogue["out_shift"], epilogue["residual"], True, False)),
         (triton_conv_dgrad, (grad, fused["weight"], fused["x"], stride, fused["in_scale"],
                              fused["in_shift"])),
+        (triton_conv_dgrad, (grad, fused["weight"], fused["x"], stride, None, None,
+                             torch.randn_like(grad), *three_channels)),
         (triton_conv_wgrad, (grad, fused["x"], fused["weight"], stride, None, None)),
+        (triton_conv_wgrad, (grad, fused["x"], fused["weight"], stride, fused["in_scale"],
+                             fused["in_shift"], torch.randn_like(grad), *three_channels)),
         (triton_bn_add_relu, (a, s, s, torch.randn_like(a), s, s, True)),
         (triton_channel_stats, (a,)),
-        (triton_statistics_backward, (torch.randn_like(a), a, s, s, s)),
     ]
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 def test_ops_pass_opcheck(index, device):
     op, args = _opcheck_samples(device)[index]
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
