@@ -5,8 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning
-from .conv_forward import dot_precision, relu_keeping_nan, split_pixel_index, tile_indices
+from . import conv_forward, tuning
+from .conv_forward import (dot_precision, grouped_grid, grouped_tile_indices, relu_keeping_nan,
+                           split_pixel_index, tile_indices)
 from .statistics import record_tile_count, sum_buffers, sum_tiles, with_statistics_term
 
 _CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
@@ -16,7 +17,8 @@ _CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _WGRAD_PIXELS_PER_SPLIT = 8192
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE"])
+@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE", "PROLOGUE",
+                                         "STATISTICS"])
 @triton.jit
 def conv_dgrad_kernel(
         g_ptr, w_ptr, x_ptr, in_scale_ptr, in_shift_ptr, grad_x_ptr, sum_ptr, sum_x_ptr,
@@ -25,13 +27,15 @@ def conv_dgrad_kernel(
         sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, sw_h, sw_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         PROLOGUE: tl.constexpr, STATISTICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     """One [BLOCK_M input pixels, BLOCK_N input channels] tile of the input gradient.
 
     Layout: ``g`` (the output gradient) and ``grad_x`` are channels_last-contiguous, a
     row-major [pixels, channels] matrix; ``x`` (N, C_in, H, W) and ``w`` (C_out, C_in, KH,
-    KW) any strides. K runs over the taps and C_out; for stride 2 a tap contributes only
-    where (h + PAD - kh) divides by the stride.
+    KW) any strides. K is one loop over (tap, BLOCK_K chunk of C_out), as in the forward;
+    for stride 2 a tap contributes only where (h + PAD - kh) divides by the stride.
+    Programs in grouped order (``grouped_tile_indices``).
 
     With ``PROLOGUE`` (the forward applied a = relu(x * scale + shift)) the epilogue
     recomputes the ReLU mask from ``x``, writes grad_x = dL/da * mask * scale, and per-tile
@@ -41,11 +45,14 @@ def conv_dgrad_kernel(
     is dL/dy without them, and the gradient through (mean, var) of ``y`` is added while
     loading g (:func:`with_statistics_term`; ``y`` channels_last-contiguous like ``g``).
     """
-    rows, channels, row_valid, channel_valid = tile_indices(M, C_in, BLOCK_M, BLOCK_N)
+    tile_m, rows, channels, row_valid, channel_valid = grouped_tile_indices(
+        M, C_in, BLOCK_M, BLOCK_N, GROUP_M)
     image, h_, w_ = split_pixel_index(rows, H, W)
     k_range = tl.arange(0, BLOCK_K)
+    chunks = tl.cdiv(C_out, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(KH * KW):
+    for step in range(0, KH * KW * chunks):
+        tap = step // chunks
         kh = tap // KW
         kw = tap % KW
         h_num = h_ + PAD - kh
@@ -55,24 +62,23 @@ def conv_dgrad_kernel(
         valid = (row_valid & (h_num >= 0) & (w_num >= 0) & (h_num % STRIDE == 0)
                  & (w_num % STRIDE == 0) & (ho < Ho) & (wo < Wo))
         g_rows = (image * Ho + ho) * Wo + wo
-        for c0 in range(0, C_out, BLOCK_K):
-            k = c0 + k_range
-            k_valid = k < C_out
-            g_offsets = g_rows[:, None] * C_out + k[None, :]
-            g_mask = valid[:, None] & k_valid[None, :]
-            g = tl.load(g_ptr + g_offsets, mask=g_mask, other=0.0)
-            if STATISTICS:
-                g = with_statistics_term(
-                    g, tl.load(y_ptr + g_offsets, mask=g_mask, other=0.0),
-                    tl.load(mean_ptr + k, mask=k_valid, other=0.0)[None, :],
-                    tl.load(grad_mean_ptr + k, mask=k_valid, other=0.0)[None, :],
-                    tl.load(grad_var_ptr + k, mask=k_valid, other=0.0)[None, :],
-                    M // (H * W) * Ho * Wo)  # y's pixels: its count per channel
-                # Padding taps and masked channels load g = 0 but not a 0 term.
-                g = tl.where(g_mask, g, 0.0).to(g_ptr.dtype.element_ty)
-            b = tl.load(w_ptr + k[:, None] * sw_o + channels[None, :] * sw_i + kh * sw_h
-                        + kw * sw_w, mask=k_valid[:, None] & channel_valid[None, :], other=0.0)
-            acc += tl.dot(g, b, input_precision=DOT_PRECISION)
+        k = (step - tap * chunks) * BLOCK_K + k_range
+        k_valid = k < C_out
+        g_offsets = g_rows[:, None] * C_out + k[None, :]
+        g_mask = valid[:, None] & k_valid[None, :]
+        g = tl.load(g_ptr + g_offsets, mask=g_mask, other=0.0)
+        if STATISTICS:
+            g = with_statistics_term(
+                g, tl.load(y_ptr + g_offsets, mask=g_mask, other=0.0),
+                tl.load(mean_ptr + k, mask=k_valid, other=0.0)[None, :],
+                tl.load(grad_mean_ptr + k, mask=k_valid, other=0.0)[None, :],
+                tl.load(grad_var_ptr + k, mask=k_valid, other=0.0)[None, :],
+                M // (H * W) * Ho * Wo)  # y's pixels: its count per channel
+            # Padding taps and masked channels load g = 0 but not a 0 term.
+            g = tl.where(g_mask, g, 0.0).to(g_ptr.dtype.element_ty)
+        b = tl.load(w_ptr + k[:, None] * sw_o + channels[None, :] * sw_i + kh * sw_h
+                    + kw * sw_w, mask=k_valid[:, None] & channel_valid[None, :], other=0.0)
+        acc += tl.dot(g, b, input_precision=DOT_PRECISION)
 
     mask = row_valid[:, None] & channel_valid[None, :]
     if PROLOGUE:
@@ -81,16 +87,17 @@ def conv_dgrad_kernel(
         scale = tl.load(in_scale_ptr + channels, mask=channel_valid, other=0.0)
         shift = tl.load(in_shift_ptr + channels, mask=channel_valid, other=0.0)
         grad_pre = tl.where(mask & (x * scale[None, :] + shift[None, :] > 0), acc, 0.0)
-        offsets = tl.program_id(0) * C_in + channels
+        offsets = tile_m * C_in + channels
         tl.store(sum_ptr + offsets, tl.sum(grad_pre, axis=0), mask=channel_valid)
         tl.store(sum_x_ptr + offsets, tl.sum(grad_pre * x, axis=0), mask=channel_valid)
-        record_tile_count(tiles_ptr)
+        record_tile_count(tiles_ptr, tile_m, tl.cdiv(M, BLOCK_M))
         acc = grad_pre * scale[None, :]
     tl.store(grad_x_ptr + rows.to(tl.int64)[:, None] * C_in + channels[None, :],
              acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE"])
+@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE", "PROLOGUE",
+                                         "STATISTICS"])
 @triton.jit
 def conv_wgrad_kernel(
         g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, dw_ptr, y_ptr, mean_ptr, grad_mean_ptr,
@@ -168,16 +175,16 @@ def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None, statistics
     # Per-tile sums of the scale/shift gradients: [shift, scale] rows of one buffer.
     sums, tiles = (sum_buffers(2, tuning.max_tiles(conv_dgrad_kernel, m), c_in, x.device)
                    if prologue else ((grad_x, grad_x), grad_x))
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))
     # Without a prologue x is not read (only its shape is used): grad_x stands in for it
     # and the other absent pointers, so that no launch is seen reading it.
-    tuning.launcher(conv_dgrad_kernel)[grid](
+    tuning.launcher(conv_dgrad_kernel)[grouped_grid(m, c_in)](
         grad, weight, x if prologue else grad_x, in_scale if prologue else grad_x,
         in_shift if prologue else grad_x, grad_x, sums[0], sums[1], tiles,
         *(statistics or (grad_x,) * 4), m, h, w, c_in, ho, wo, c_out, *x.stride(),
         *weight.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
-        STATISTICS=statistics is not None, DOT_PRECISION=dot_precision(x.dtype))
+        STATISTICS=statistics is not None, DOT_PRECISION=dot_precision(x.dtype),
+        GROUP_M=conv_forward._GROUP_M)
     if not prologue:
         return grad_x, None, None
     grad_shift, grad_scale = sum_tiles(sums, tiles)

@@ -25,12 +25,43 @@ def tile_indices(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile_indices(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    """:func:`tile_indices` for a 1-D grid of cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) programs
+    in grouped order, and the row tile's index. Consecutive programs cover GROUP_M row
+    tiles of one column tile, then the same rows of the next column tile: they share
+    their row tiles (the activations) in L2, where the 2-D grid, row tiles fastest,
+    streams every row tile once per column tile from DRAM when the activations exceed L2.
+    """
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    programs_per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = tl.program_id(0) // programs_per_group * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    in_group = tl.program_id(0) % programs_per_group
+    tile_m = first_m + in_group % rows_in_group
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    columns = in_group // rows_in_group * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tile_m, rows, columns, rows < M, columns < N
+
+
+def grouped_grid(rows: int, columns: int):
+    """The launch grid of a kernel tiled by :func:`grouped_tile_indices`."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(columns,
+                                                                         meta["BLOCK_N"]),)
+
+
+# Row tiles per group of the grouped tile order (grouped_tile_indices).
+_GROUP_M = 8
+
+
+@triton.jit
 def split_pixel_index(index, height, width):
     """(image, row, column) of flat NHW pixel indices; image as int64 for the offsets."""
     return (index // (width * height)).to(tl.int64), (index // width) % height, index % width
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE"])
+@triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE", "PROLOGUE",
+                                         "OUT_AFFINE", "RESIDUAL", "OUT_RELU", "STATISTICS"])
 @triton.jit
 def fused_conv_forward_kernel(
         x_ptr, w_ptr, y_ptr, in_scale_ptr, in_shift_ptr, out_scale_ptr, out_shift_ptr,
@@ -40,14 +71,17 @@ def fused_conv_forward_kernel(
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         PROLOGUE: tl.constexpr, OUT_AFFINE: tl.constexpr, RESIDUAL: tl.constexpr,
         OUT_RELU: tl.constexpr, STATISTICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     """One [BLOCK_M output pixels, BLOCK_N output channels] tile of a fused convolution.
 
     Layout: ``x`` is (N, C_in, H, W) with any strides (NHWC storage is the fast case);
     ``w`` is (C_out, C_in, KH, KW) with any strides; ``y`` and ``residual`` are
     channels_last-contiguous, i.e. a row-major [M = N*Ho*Wo, C_out] matrix. The GEMM's
-    K dimension runs over the KH*KW taps and, inside each, C_in in BLOCK_K chunks
-    (masked, so any channel count works). fp32 accumulation.
+    K dimension is one loop over (tap, BLOCK_K chunk of C_in), so that the loads of the
+    next tap are in flight while this one's MMAs run (a loop per tap would drain the
+    pipeline KH*KW times per tile); chunks are masked, so any channel count works. fp32
+    accumulation. Programs in grouped order (:func:`grouped_tile_indices`).
 
     Fuses:
       prologue  a = relu(x * in_scale[c] + in_shift[c]), then zero padding: padded taps
@@ -55,35 +89,36 @@ def fused_conv_forward_kernel(
       epilogue  y = [relu](acc * out_scale[n] + out_shift[n] [+ residual]);
       statistics per-tile count/mean/M2 of acc for the next BatchNorm (one row per program along M).
     """
-    rows, channels, row_valid, channel_valid = tile_indices(M, C_out, BLOCK_M, BLOCK_N)
+    tile_m, rows, channels, row_valid, channel_valid = grouped_tile_indices(
+        M, C_out, BLOCK_M, BLOCK_N, GROUP_M)
     image, ho, wo = split_pixel_index(rows, Ho, Wo)
     k_range = tl.arange(0, BLOCK_K)
+    chunks = tl.cdiv(C_in, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(KH * KW):
+    for step in range(0, KH * KW * chunks):
+        tap = step // chunks
         kh = tap // KW
         kw = tap % KW
         hi = ho * STRIDE - PAD + kh
         wi = wo * STRIDE - PAD + kw
         pixel_valid = row_valid & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         pixel_offset = image * sx_n + hi.to(tl.int64) * sx_h + wi.to(tl.int64) * sx_w
-        for c0 in range(0, C_in, BLOCK_K):
-            k = c0 + k_range
-            k_valid = k < C_in
-            a_mask = pixel_valid[:, None] & k_valid[None, :]
-            a = tl.load(x_ptr + pixel_offset[:, None] + k[None, :] * sx_c, mask=a_mask,
-                        other=0.0)
-            if PROLOGUE:
-                scale = tl.load(in_scale_ptr + k, mask=k_valid, other=0.0)
-                shift = tl.load(in_shift_ptr + k, mask=k_valid, other=0.0)
-                a = relu_keeping_nan(a.to(tl.float32) * scale[None, :] + shift[None, :])
-                a = tl.where(a_mask, a, 0.0).to(x_ptr.dtype.element_ty)
-            b = tl.load(w_ptr + channels[None, :] * sw_o + k[:, None] * sw_i + kh * sw_h
-                        + kw * sw_w, mask=k_valid[:, None] & channel_valid[None, :], other=0.0)
-            acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        k = (step - tap * chunks) * BLOCK_K + k_range
+        k_valid = k < C_in
+        a_mask = pixel_valid[:, None] & k_valid[None, :]
+        a = tl.load(x_ptr + pixel_offset[:, None] + k[None, :] * sx_c, mask=a_mask, other=0.0)
+        if PROLOGUE:
+            scale = tl.load(in_scale_ptr + k, mask=k_valid, other=0.0)
+            shift = tl.load(in_shift_ptr + k, mask=k_valid, other=0.0)
+            a = relu_keeping_nan(a.to(tl.float32) * scale[None, :] + shift[None, :])
+            a = tl.where(a_mask, a, 0.0).to(x_ptr.dtype.element_ty)
+        b = tl.load(w_ptr + channels[None, :] * sw_o + k[:, None] * sw_i + kh * sw_h
+                    + kw * sw_w, mask=k_valid[:, None] & channel_valid[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
 
     if STATISTICS:
-        store_tile_statistics(acc, row_valid, tl.program_id(0), channels, channel_valid,
-                              count_ptr, mean_ptr, m2_ptr, tiles_ptr, C_out)
+        store_tile_statistics(acc, row_valid, tile_m, tl.cdiv(M, BLOCK_M), channels,
+                              channel_valid, count_ptr, mean_ptr, m2_ptr, tiles_ptr, C_out)
     if OUT_AFFINE:
         scale = tl.load(out_scale_ptr + channels, mask=channel_valid, other=0.0)
         shift = tl.load(out_shift_ptr + channels, mask=channel_valid, other=0.0)
@@ -119,8 +154,7 @@ def fused_conv_forward(x, weight, stride, in_scale=None, in_shift=None, out_scal
     dummy = y  # stands in for absent optional pointers; never read (constexpr flags)
     partials = (partial_buffers(tuning.max_tiles(fused_conv_forward_kernel, m), c_out,
                                 x.device) if statistics else (dummy,) * 4)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
-    tuning.launcher(fused_conv_forward_kernel)[grid](
+    tuning.launcher(fused_conv_forward_kernel)[grouped_grid(m, c_out)](
         x, weight, y,
         dummy if in_scale is None else in_scale, dummy if in_shift is None else in_shift,
         dummy if out_scale is None else out_scale, dummy if out_shift is None else out_shift,
@@ -129,5 +163,5 @@ def fused_conv_forward(x, weight, stride, in_scale=None, in_shift=None, out_scal
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2,
         PROLOGUE=in_scale is not None, OUT_AFFINE=out_scale is not None,
         RESIDUAL=residual is not None, OUT_RELU=out_relu, STATISTICS=statistics,
-        DOT_PRECISION=dot_precision(x.dtype))
+        DOT_PRECISION=dot_precision(x.dtype), GROUP_M=_GROUP_M)
     return y, (merge(*partials) if statistics else None)

@@ -78,7 +78,7 @@ def bn_add_relu_backward_kernel(g_ptr, y_ptr, a_ptr, a_scale_ptr, r_ptr, r_scale
     tile = tl.program_id(0) * C + channels
     tl.store(sum_ptr + tile, tl.sum(g, axis=0), mask=channel_valid)
     tl.store(sum_a_ptr + tile, tl.sum(g * a, axis=0), mask=channel_valid)
-    record_tile_count(tiles_ptr)
+    record_tile_count(tiles_ptr, tl.program_id(0), tl.num_programs(0))
     tl.store(grad_a_ptr + offsets,
              (g * _per_channel(a_scale_ptr, channels, channel_valid)).to(
                  grad_a_ptr.dtype.element_ty), mask=mask)
@@ -98,8 +98,8 @@ def channel_statistics_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, tiles_ptr, M, 
     """Per-tile count/mean/M2 of channels_last-contiguous ``x`` [M, C], one read."""
     rows, channels, row_valid, channel_valid, offsets = _tile(M, C, BLOCK_M, BLOCK_C)
     x = tl.load(x_ptr + offsets, mask=row_valid[:, None] & channel_valid[None, :], other=0.0)
-    store_tile_statistics(x.to(tl.float32), row_valid, tl.program_id(0), channels,
-                          channel_valid, count_ptr, mean_ptr, m2_ptr, tiles_ptr, C)
+    store_tile_statistics(x.to(tl.float32), row_valid, tl.program_id(0), tl.num_programs(0),
+                          channels, channel_valid, count_ptr, mean_ptr, m2_ptr, tiles_ptr, C)
 
 
 def _rows_and_grid(x):

@@ -21,10 +21,10 @@ _MERGE_CHANNELS = 64
 
 
 @triton.jit
-def store_tile_statistics(values, row_valid, tile, channels, channel_valid, count_ptr,
+def store_tile_statistics(values, row_valid, tile, tiles, channels, channel_valid, count_ptr,
                           mean_ptr, m2_ptr, tiles_ptr, num_channels):
     """Write count, mean and M2 of ``values`` [rows, channels] (fp32) over valid rows, as
-    row ``tile`` of the partial buffers; tile 0 also writes how many tiles there are."""
+    row ``tile`` of the partial buffers; tile 0 also writes how many (``tiles``) there are."""
     count = tl.sum(row_valid.to(tl.float32), axis=0)
     valid = row_valid[:, None] & channel_valid[None, :]
     mean = tl.sum(tl.where(valid, values, 0.0), axis=0) / tl.maximum(count, 1.0)
@@ -34,15 +34,15 @@ def store_tile_statistics(values, row_valid, tile, channels, channel_valid, coun
     tl.store(count_ptr + offsets, tl.zeros_like(mean) + count, mask=channel_valid)
     tl.store(mean_ptr + offsets, mean, mask=channel_valid)
     tl.store(m2_ptr + offsets, m2, mask=channel_valid)
-    record_tile_count(tiles_ptr)
+    record_tile_count(tiles_ptr, tile, tiles)
 
 
 @triton.jit
-def record_tile_count(tiles_ptr):
-    """How many tiles (programs along axis 0) wrote partials, for the reduction that
-    reads them (so that the partial buffers need no zeroing)."""
-    if tl.program_id(0) == 0:
-        tl.store(tiles_ptr, tl.num_programs(0))
+def record_tile_count(tiles_ptr, tile, tiles):
+    """How many row tiles (``tiles``) wrote partials, for the reduction that reads them
+    (so that the partial buffers need no zeroing): written by the programs of tile 0."""
+    if tile == 0:
+        tl.store(tiles_ptr, tiles)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ fp64 (forward and every gradient)."""
 import torch
 
 from fused_resnet import op_reference, reference
-from fused_resnet.kernels import conv_backward, statistics
+from fused_resnet.kernels import conv_backward, conv_forward, statistics
 from fused_resnet.testing import errors_beyond_eager
 from fused_resnet.triton_ops import (triton_bn_add_relu, triton_channel_stats, triton_conv,
                                      triton_conv_dgrad, triton_conv_wgrad)
@@ -25,7 +25,10 @@ FUSIONS = ["plain", "prologue_statistics", "epilogue"]
 def cross_reduction_thresholds(monkeypatch):
     """Lower the thresholds so that the case's few pixels and channels take the paths of
     ResNet-50's: wgrad in several pixel splits summed by several programs, statistics and
-    per-tile sums merged over several blocks of tiles and of channels."""
+    per-tile sums merged over several blocks of tiles and of channels, programs in
+    several groups of row tiles (a full group and a partial one where there are 4 or
+    more row tiles)."""
+    monkeypatch.setattr(conv_forward, "_GROUP_M", 3)
     monkeypatch.setattr(conv_backward, "_WGRAD_PIXELS_PER_SPLIT", 20)
     monkeypatch.setattr(conv_backward, "_SUM_SPLITS_BLOCK", 64)
     monkeypatch.setattr(statistics, "_MERGE_TILES", 2)

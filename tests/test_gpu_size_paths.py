@@ -67,9 +67,26 @@ def test_reduction_paths_at_tiny_sizes(fusion, device, poisoned_allocations, mon
     check_triton_conv(CONV_CASES[0], fusion, device, torch.channels_last)
 
 
+# Many row and column tiles at the interpreter's default 32x16 tiles: 297 pixels (10 row
+# tiles), 37 output channels (3 column tiles) in the forward, 37 input channels in dgrad.
+GROUPED_ORDER_CASES = [(3, 9, 9, 11, 37, 1, 1), (3, 37, 9, 11, 9, 1, 1)]
+
+
+@pytest.mark.parametrize("case", GROUPED_ORDER_CASES, ids=str)
+def test_grouped_tile_order_covers_every_tile(case, device, poisoned_allocations,
+                                              monkeypatch):
+    """Groups of 3 row tiles (lowered from GROUP_M = 8) over 10 row tiles, 3 full groups
+    and a partial one, with the per-tile statistics and sums indexed by row tile: an
+    output tile computed twice or never stays NaN or breaks the statistics."""
+    cross_reduction_thresholds(monkeypatch)
+    for fusion in ("plain", "prologue_statistics"):
+        check_triton_conv(case, fusion, device, in_dtypes=[torch.float32])
+
+
 # Each size threshold of the kernels package: the test that runs both sides of it, as
 # (module, test name). The test's source must name the threshold.
 CROSSED_BY = {
+    "conv_forward._GROUP_M": ("opcases", "cross_reduction_thresholds"),
     "conv_backward._WGRAD_PIXELS_PER_SPLIT": ("opcases", "cross_reduction_thresholds"),
     "conv_backward._SUM_SPLITS_BLOCK": ("opcases", "cross_reduction_thresholds"),
     "statistics._MERGE_TILES": ("opcases", "cross_reduction_thresholds"),
