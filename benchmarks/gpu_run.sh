@@ -3,6 +3,7 @@
 # tests, run the recorded benchmarks. Logs, JSON, markdown tables and charts go under $OUT
 # (the device tool brings them back); commit them to benchmarks/results/<date>-<device>/.
 #   device run:  bash benchmarks/gpu_run.sh [build] [tests] [traffic] [models] [blocks] [suites]
+#                [train]
 # With no part named it runs build, tests, traffic, models and blocks; a device call is limited to
 # 10 minutes, so a long session runs the parts in separate calls (build is kept between
 # calls on a warm machine).
@@ -69,4 +70,29 @@ fi
 if wants suites; then
     python3 -m pytest benchmarks -q --benchmark-json="$OUT/suites.json" 2>&1 \
         | tee >(stamped "$OUT/suites.log") | tail -40
+fi
+
+# A short training run per fused backend, each in lockstep with eager from the same
+# weights on the same batches (fused_resnet.train --compare): per-epoch losses, accuracies,
+# images/s and the weights' relative difference, under $OUT/train_<backend>/ (log.jsonl,
+# summary.md, curves.png). CIFAR-10 when a session carries it to
+# benchmarks/data/cifar-10-batches-py (the machines have no network), else synthetic
+# images. Each run is capped so both fit one device call; its log keeps the epochs done.
+# TRAIN_BACKENDS, TRAIN_ARGS, TRAIN_DATA and TRAIN_TIMEOUT (seconds per run) override the
+# defaults; a CPU rehearsal: TRAIN_BACKENDS=reference TRAIN_ARGS="--epochs 1 --batch-size 8"
+# TRAIN_DATA="--fake-data 16 --image-size 16" bash benchmarks/gpu_run.sh train
+if wants train; then
+    if [ -d benchmarks/data/cifar-10-batches-py ]; then
+        data="--data benchmarks/data"
+    else
+        data="--fake-data 10000"
+    fi
+    for backend in ${TRAIN_BACKENDS:-triton cuda}; do
+        timeout "${TRAIN_TIMEOUT:-270}" python3 -m fused_resnet.train --compare "eager,$backend" \
+            ${TRAIN_ARGS:---model resnet18 --amp bf16 --channels-last --epochs 3 --batch-size 256} \
+            ${TRAIN_DATA:-$data} --out "$OUT/train_$backend" 2>&1 \
+            | tee >(stamped "$OUT/train_$backend.txt")
+        # Two ResNet-18s with their optimizer states: too large to bring back or commit.
+        rm -f "$OUT/train_$backend/checkpoint.pt"
+    done
 fi

@@ -235,7 +235,7 @@ def _write_json(args, device: str, limits: Optional[dict], results: list[dict]) 
                        "device_limits": limits, "results": results}, f, indent=2)
 
 
-def _progress_bar(total: int):
+def progress_bar(total: int):
     try:
         from tqdm import tqdm
     except ImportError:  # the bar is a convenience of the `bench` extra
@@ -264,7 +264,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"roofline on this {device}: {limits['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s "
               f"({args.dtype} matrix product), {limits['copy_bytes_per_s'] / 1e9:.0f} GB/s "
               "(copy)\n")
-    bar = _progress_bar(len(to_run) * len(args.contenders) * (args.warmup + args.iterations))
+    bar = progress_bar(len(to_run) * len(args.contenders) * (args.warmup + args.iterations))
     results = []
     for workload in to_run:
         expected = workloads.expected_output(workload, _autocast_context(args, device))
