@@ -185,6 +185,7 @@ def register_python_parts() -> None:
                                     setup_context=_scale_shift_add_relu_setup_context)
     torch.library.register_autograd("fused_resnet::bn_scale_shift", _bn_scale_shift_backward,
                                     setup_context=op_support.bn_scale_shift_setup_context)
-    op_support.register_conv_autograd("fused_resnet::cuda_conv", _cuda_conv_dgrad,
-                                      _cuda_conv_wgrad)
+    op_support.register_conv_autograd("fused_resnet::cuda_conv",
+                                      op_support.conv_backward(_cuda_conv_dgrad,
+                                                               _cuda_conv_wgrad))
     op_support.register_channel_stats_autograd("fused_resnet::cuda_channel_stats")

@@ -49,6 +49,9 @@ class Kernels(NamedTuple):
     channel_stats: Callable
     # batch statistics -> scale/shift and running statistics
     finalize: Finalize = Finalize()
+    # conv's arguments -> (y, mean, var, x for its other consumer), the gradient of which
+    # dgrad adds to its own (op_support.conv_sharing_input); None: autograd adds them
+    conv_sharing_input: Optional[Callable] = None
 
 
 def _count(t: Tensor) -> int:
@@ -84,13 +87,20 @@ class FusedBlocks:
                                  residual, relu, False)[0]
 
     def _conv_feeding_bn(self, x: Tensor, weight: Tensor, bn: BatchNormParams, stride: int = 1,
-                         prologue: Optional[ScaleShift] = None) -> tuple[Tensor, ScaleShift]:
-        """The raw conv output and the (scale, shift) of the BN it feeds."""
+                         prologue: Optional[ScaleShift] = None,
+                         share_input: bool = False) -> tuple[Tensor, ScaleShift, Tensor]:
+        """The raw conv output, the (scale, shift) of the BN it feeds, and x for another
+        consumer: with ``share_input``, where the kernels can, a view of x whose gradient
+        this conv's dgrad adds to its own (``Kernels.conv_sharing_input``)."""
         in_scale, in_shift = prologue or (None, None)
-        z, mean, var = self.kernels.conv(x, weight, stride, in_scale, in_shift, None, None,
-                                         None, False, bn.uses_batch_stats)
+        arguments = (x, weight, stride, in_scale, in_shift, None, None, None, False,
+                     bn.uses_batch_stats)
+        if share_input and self.kernels.conv_sharing_input is not None:
+            z, mean, var, x = self.kernels.conv_sharing_input(*arguments)
+        else:
+            z, mean, var = self.kernels.conv(*arguments)
         batch_stats = (mean, var) if bn.uses_batch_stats else None
-        return z, self._normalization(bn, _count(z), batch_stats)
+        return z, self._normalization(bn, _count(z), batch_stats), x
 
     def _post_act(self, x: Tensor, layers: list[tuple[Tensor, BatchNormParams, int]],
                   shortcut: Optional[Projection]) -> Tensor:
@@ -111,14 +121,17 @@ class FusedBlocks:
                                residual=identity if last else None, relu=True)
             return _in_input_format(h, x)
 
-        h, scale_shift = x, None
-        for weight, bn, layer_stride in layers:
-            h, scale_shift = self._conv_feeding_bn(h, weight, bn, layer_stride, scale_shift)
+        # x feeds conv1 and the shortcut: conv1's dgrad adds the shortcut's gradient.
+        (weight, bn, layer_stride), *rest = layers
+        h, scale_shift, x_shortcut = self._conv_feeding_bn(x, weight, bn, layer_stride,
+                                                           share_input=True)
+        for weight, bn, layer_stride in rest:
+            h, scale_shift, _ = self._conv_feeding_bn(h, weight, bn, layer_stride, scale_shift)
         if shortcut is None:
-            residual, residual_scale_shift = x, (None, None)
+            residual, residual_scale_shift = x_shortcut, (None, None)
         else:
-            residual, residual_scale_shift = self._conv_feeding_bn(x, shortcut.weight,
-                                                                   shortcut.bn, stride)
+            residual, residual_scale_shift, _ = self._conv_feeding_bn(
+                x_shortcut, shortcut.weight, shortcut.bn, stride)
         out = self.kernels.bn_add_relu(h, *scale_shift, residual, *residual_scale_shift, True)
         return _in_input_format(out, x)
 
@@ -141,8 +154,8 @@ class FusedBlocks:
                     else self._conv(x_bn, shortcut.weight, stride, scale_shift))
         h = x_bn
         for (weight, conv_stride), next_norm in zip(convs[:-1], norms[1:]):
-            h, scale_shift = self._conv_feeding_bn(h, weight, next_norm, conv_stride,
-                                                   scale_shift)
+            h, scale_shift, _ = self._conv_feeding_bn(h, weight, next_norm, conv_stride,
+                                                      scale_shift)
         weight, conv_stride = convs[-1]
         out = self._conv(h, weight, conv_stride, scale_shift, residual=identity)
         return _in_input_format(out, x)

@@ -97,20 +97,26 @@ def _output_gradient(grad: Tensor, statistics: tuple) -> Tensor:
 def conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
                in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
-               grad_mean: Optional[Tensor] = None,
-               grad_var: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+               grad_mean: Optional[Tensor] = None, grad_var: Optional[Tensor] = None,
+               other: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of :func:`fused_conv`'s ``x`` (through the prologue) from the gradient of
     its raw conv output: (grad_x, grad_in_scale, grad_in_shift), the last two empty without
     a prologue. With ``y`` (that output, whose per-channel mean and biased var reached the
     loss with gradients ``grad_mean``, ``grad_var``), ``grad`` is dL/dy without that path:
-    its :func:`statistics_backward` term is added first."""
+    its :func:`statistics_backward` term is added first. With ``other`` (a gradient x gets
+    from another consumer), grad_x is the sum of both."""
     grad = _output_gradient(grad, (y, mean, grad_mean, grad_var))
     grad_input = torch.nn.grad.conv2d_input(x.shape, weight, grad, stride=stride,
                                             padding=_padding(weight))
     if in_scale is None:
         empty = x.new_empty(0, dtype=_accumulation_dtype(x))
-        return _channels_last(grad_input), empty, empty.clone()
-    return affine_relu_backward(grad_input, x, in_scale, in_shift, None)
+        grad_scale, grad_shift = empty, empty.clone()
+    else:
+        grad_input, grad_scale, grad_shift = affine_relu_backward(grad_input, x, in_scale,
+                                                                  in_shift, None)
+    if other is not None:  # as autograd adds two gradients: each rounded, then the sum
+        grad_input = grad_input.to(_accumulation_dtype(x)) + other
+    return _channels_last(grad_input.to(x.dtype)), grad_scale, grad_shift
 
 
 def conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride: int,

@@ -126,13 +126,16 @@ def _epilogue_gradient(ctx, grad_y: Tensor, y: Tensor, mean: Tensor, out_scale,
     return channels_last(grad.to(y.dtype)), (), grad_residual
 
 
-def register_conv_autograd(conv: object, dgrad: Callable, wgrad: Callable,
-                           backward_ops_take_statistics: bool = False) -> None:
-    """Autograd of a fused conv op from its backend's dgrad and wgrad ops. With
-    ``backward_ops_take_statistics`` they take (y, mean, grad_mean, grad_var) after their
-    usual arguments and add the gradient through the batch statistics of the conv output
-    y themselves; else it is added here (a chain of fp32 aten ops)."""
-    def backward(ctx, grad_y, grad_mean, grad_var):
+def conv_backward(dgrad: Callable, wgrad: Callable,
+                  backward_ops_take_statistics: bool = False) -> Callable:
+    """The backward of a fused conv op from its backend's dgrad and wgrad ops:
+    ``backward(ctx, grad_y, grad_mean, grad_var, other=None)``, ``ctx`` as
+    ``_conv_setup_context`` sets it. With ``backward_ops_take_statistics`` they take (y,
+    mean, grad_mean, grad_var) after their usual arguments and add the gradient through
+    the batch statistics of the conv output y themselves; else it is added here (a chain
+    of fp32 aten ops). ``other``: a gradient of x from another consumer, which dgrad adds
+    to its result (its ``other`` argument)."""
+    def backward(ctx, grad_y, grad_mean, grad_var, other=None):
         x, weight, in_scale, in_shift, out_scale, y, mean = ctx.saved_tensors
         if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
             raise RuntimeError("fused conv: gradients of out_scale/out_shift are not "
@@ -142,8 +145,9 @@ def register_conv_autograd(conv: object, dgrad: Callable, wgrad: Callable,
             ctx, grad_y, y, mean, out_scale, grad_mean, grad_var, backward_ops_take_statistics)
         grad_x = grad_weight = grad_in_scale = grad_in_shift = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            grad_x, grad_in_scale, grad_in_shift = dgrad(grad, weight, x, ctx.stride, in_scale,
-                                                         in_shift, *statistics)
+            grad_x, grad_in_scale, grad_in_shift = dgrad(
+                grad, weight, x, ctx.stride, in_scale, in_shift, *statistics,
+                **({} if other is None else {"other": other}))
             if in_scale is None:
                 grad_in_scale = grad_in_shift = None
         if ctx.needs_input_grad[1]:
@@ -151,7 +155,32 @@ def register_conv_autograd(conv: object, dgrad: Callable, wgrad: Callable,
         return (grad_x, grad_weight, None, grad_in_scale, grad_in_shift, None, None,
                 grad_residual, None, None)
 
+    return backward
+
+
+def register_conv_autograd(conv: object, backward: Callable) -> None:
+    """Autograd of a fused conv op: ``backward`` from :func:`conv_backward`."""
     torch.library.register_autograd(conv, backward, setup_context=_conv_setup_context)
+
+
+def conv_sharing_input(conv: Callable, backward: Callable) -> Callable:
+    """``conv``'s op call for an input x that also feeds another consumer (a block's
+    shortcut): returns the op's (y, mean, var) and x, as a view, for that consumer. The
+    gradient the view receives is handed to the conv's dgrad, which adds it to its own in
+    its epilogue, where autograd would add the two in a full pass of its own. ``backward``
+    from :func:`conv_backward` with dgrad ops that take ``other``."""
+    class ConvSharingInput(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            outputs = conv(*inputs)
+            _conv_setup_context(ctx, inputs, outputs)
+            return (*outputs, inputs[0].view_as(inputs[0]))
+
+        @staticmethod
+        def backward(ctx, grad_y, grad_mean, grad_var, grad_shared):
+            return backward(ctx, grad_y, grad_mean, grad_var, grad_shared)
+
+    return ConvSharingInput.apply
 
 
 def bn_scale_shift_setup_context(ctx, inputs, output):

@@ -100,15 +100,17 @@ def _statistics_arguments(y: Optional[Tensor], mean: Optional[Tensor],
 def triton_conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
                       in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                       y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
-                      grad_mean: Optional[Tensor] = None,
-                      grad_var: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                      grad_mean: Optional[Tensor] = None, grad_var: Optional[Tensor] = None,
+                      other: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_in_scale, grad_in_shift); the last two empty without a prologue.
     With ``y`` (the forward's output, whose batch statistics ``mean`` and var reached the
-    loss with gradients ``grad_mean``, ``grad_var``), ``grad`` is dL/dy without them: see
+    loss with gradients ``grad_mean``, ``grad_var``), ``grad`` is dL/dy without them; with
+    ``other``, grad_x includes that other gradient of x: see
     :func:`op_reference.conv_dgrad`."""
     grad_x, grad_scale, grad_shift = conv_backward.conv_dgrad(
         _channels_last(grad), weight, x, stride, in_scale, in_shift,
-        _statistics_arguments(y, mean, grad_mean, grad_var))
+        _statistics_arguments(y, mean, grad_mean, grad_var),
+        None if other is None else _channels_last(other))
     if grad_scale is None:
         return grad_x, _empty_like_channel(x), _empty_like_channel(x)
     return grad_x, grad_scale, grad_shift
@@ -133,8 +135,9 @@ def triton_conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride: int,
 triton_conv_wgrad.register_fake(op_support.conv_wgrad_fake)
 
 
-op_support.register_conv_autograd(triton_conv, triton_conv_dgrad, triton_conv_wgrad,
-                                  backward_ops_take_statistics=True)
+_conv_backward = op_support.conv_backward(triton_conv_dgrad, triton_conv_wgrad,
+                                          backward_ops_take_statistics=True)
+op_support.register_conv_autograd(triton_conv, _conv_backward)
 
 
 # --- BN-apply + shortcut + ReLU --------------------------------------------------------
@@ -300,5 +303,7 @@ class _TrainFinalize(torch.autograd.Function):
 
 KERNELS = Kernels(conv=triton_conv, bn_add_relu=triton_bn_add_relu,
                   channel_stats=triton_channel_stats,
+                  conv_sharing_input=op_support.conv_sharing_input(triton_conv,
+                                                                   _conv_backward),
                   finalize=Finalize(scale_shift=triton_bn_scale_shift,
                                     training=_TrainFinalize.apply))

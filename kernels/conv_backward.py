@@ -18,16 +18,16 @@ _WGRAD_PIXELS_PER_SPLIT = 8192
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE", "PROLOGUE",
-                                         "STATISTICS"])
+                                         "STATISTICS", "ADD_OTHER"])
 @triton.jit
 def conv_dgrad_kernel(
         g_ptr, w_ptr, x_ptr, in_scale_ptr, in_shift_ptr, grad_x_ptr, sum_ptr, sum_x_ptr,
-        tiles_ptr, y_ptr, mean_ptr, grad_mean_ptr, grad_var_ptr,
+        tiles_ptr, y_ptr, mean_ptr, grad_mean_ptr, grad_var_ptr, other_ptr,
         M, H, W, C_in, Ho, Wo, C_out,
         sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, sw_h, sw_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        PROLOGUE: tl.constexpr, STATISTICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PROLOGUE: tl.constexpr, STATISTICS: tl.constexpr, ADD_OTHER: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr):
     """One [BLOCK_M input pixels, BLOCK_N input channels] tile of the input gradient.
 
@@ -44,6 +44,10 @@ def conv_dgrad_kernel(
     With ``STATISTICS`` (the forward's output ``y`` also gave its batch statistics) ``g``
     is dL/dy without them, and the gradient through (mean, var) of ``y`` is added while
     loading g (:func:`with_statistics_term`; ``y`` channels_last-contiguous like ``g``).
+
+    With ``ADD_OTHER`` the epilogue adds ``other`` (channels_last-contiguous like
+    ``grad_x``): the gradient x gets from its other consumer (a block's shortcut), which
+    autograd would otherwise add in a pass of its own.
     """
     tile_m, rows, channels, row_valid, channel_valid = grouped_tile_indices(
         M, C_in, BLOCK_M, BLOCK_N, GROUP_M)
@@ -92,8 +96,10 @@ def conv_dgrad_kernel(
         tl.store(sum_x_ptr + offsets, tl.sum(grad_pre * x, axis=0), mask=channel_valid)
         record_tile_count(tiles_ptr, tile_m, tl.cdiv(M, BLOCK_M))
         acc = grad_pre * scale[None, :]
-    tl.store(grad_x_ptr + rows.to(tl.int64)[:, None] * C_in + channels[None, :],
-             acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    offsets = rows.to(tl.int64)[:, None] * C_in + channels[None, :]
+    if ADD_OTHER:
+        acc += tl.load(other_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_x_ptr + offsets, acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE", "PROLOGUE",
@@ -158,13 +164,15 @@ def conv_wgrad_kernel(
     tl.store(dw_ptr + offsets, acc, mask=out_valid[:, None] & in_valid[None, :])
 
 
-def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None, statistics=None):
+def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None, statistics=None,
+               other=None):
     """dL/dx of ``fused_conv_forward``, channels_last; with a prologue also the gradients
     of ``in_scale`` and ``in_shift``. ``grad`` must be channels_last-contiguous.
 
     ``statistics``: None, or (y, mean, grad_mean, grad_var) when the forward's output ``y``
     (channels_last-contiguous) also gave its batch statistics: ``grad`` is then dL/dy
-    without them and their term is added as g is loaded (no pass of its own)."""
+    without them and their term is added as g is loaded (no pass of its own).
+    ``other``: None, or a gradient of x (channels_last-contiguous) added to the result."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     _, _, ho, wo = grad.shape
@@ -180,11 +188,11 @@ def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None, statistics
     tuning.launcher(conv_dgrad_kernel)[grouped_grid(m, c_in)](
         grad, weight, x if prologue else grad_x, in_scale if prologue else grad_x,
         in_shift if prologue else grad_x, grad_x, sums[0], sums[1], tiles,
-        *(statistics or (grad_x,) * 4), m, h, w, c_in, ho, wo, c_out, *x.stride(),
-        *weight.stride(),
+        *(statistics or (grad_x,) * 4), grad_x if other is None else other,
+        m, h, w, c_in, ho, wo, c_out, *x.stride(), *weight.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
-        STATISTICS=statistics is not None, DOT_PRECISION=dot_precision(x.dtype),
-        GROUP_M=conv_forward._GROUP_M)
+        STATISTICS=statistics is not None, ADD_OTHER=other is not None,
+        DOT_PRECISION=dot_precision(x.dtype), GROUP_M=conv_forward._GROUP_M)
     if not prologue:
         return grad_x, None, None
     grad_shift, grad_scale = sum_tiles(sums, tiles)

@@ -158,11 +158,12 @@ def check_bn_add_relu(shape, residual_kind, memory_format, device):
         assert failures == [], f"{dtype}: {failures}"
 
 
-def check_backward_with_statistics(case, offset_of_mean, device):
+def check_backward_with_statistics(case, offset_of_mean, device, add_other=False):
     """triton_conv_dgrad and triton_conv_wgrad adding the gradient through the batch
     statistics of the conv output y (as the blocks' training convs use them), with a
     prologue, against eager and fp64; ``offset_of_mean`` added to y (a large one checks
-    that the term is centred on the mean before the product)."""
+    that the term is centred on the mean before the product); with ``add_other`` dgrad
+    also adds another gradient of x (a block's shortcut's) to its result."""
     n, c_in, h, w, c_out, k, stride = case
     for dtype in dtypes(device):
         _, inputs = conv_inputs(case, torch.float64, device, "prologue_statistics")
@@ -172,18 +173,19 @@ def check_backward_with_statistics(case, offset_of_mean, device):
                                                          dtype=torch.float64)
                                              for _ in range(2)]
         tensors = {"grad": torch.randn_like(y), "x": inputs["x"], "weight": inputs["weight"],
-                   "y": y}
+                   "y": y, "other": torch.randn_like(inputs["x"])}
         results = {}
         for name, dgrad, wgrad, cast in [
                 ("truth", op_reference.conv_dgrad, op_reference.conv_wgrad, torch.float64),
                 ("eager", op_reference.conv_dgrad, op_reference.conv_wgrad, dtype),
                 ("fused", triton_conv_dgrad, triton_conv_wgrad, dtype)]:
-            grad, x, weight, y_ = (t.to(cast) for t in tensors.values())
+            grad, x, weight, y_, other = (t.to(cast) for t in tensors.values())
             vector_dtype = torch.promote_types(cast, torch.float32)
             scale_shift = [inputs[key].to(vector_dtype) for key in ("in_scale", "in_shift")]
             statistics = [y_] + [v.to(vector_dtype) for v in per_channel]
             grad_x, grad_scale, grad_shift = dgrad(grad, weight, x, stride, *scale_shift,
-                                                   *statistics)
+                                                   *statistics,
+                                                   other=other if add_other else None)
             results[name] = {"grad_x": grad_x, "grad_scale": grad_scale,
                              "grad_shift": grad_shift,
                              "grad_weight": wgrad(grad, x, weight, stride, *scale_shift,

@@ -58,6 +58,11 @@ def test_backward_ops_add_the_statistics_gradient(case, offset_of_mean, device,
     check_backward_with_statistics(case, offset_of_mean, device)
 
 
+def test_dgrad_adds_the_other_gradient_of_its_input(device, poisoned_allocations):
+    # What a post-activation block's conv1 does with its shortcut's gradient.
+    check_backward_with_statistics(CONV_CASES[1], 0.0, device, add_other=True)
+
+
 def test_channel_stats_and_their_gradient(device):
     check_channel_statistics((3, 6, 5, 7), device)
 
@@ -92,7 +97,8 @@ def _opcheck_samples(device):
         (triton_conv_dgrad, (grad, fused["weight"], fused["x"], stride, fused["in_scale"],
                              fused["in_shift"])),
         (triton_conv_dgrad, (grad, fused["weight"], fused["x"], stride, None, None,
-                             torch.randn_like(grad), *three_channels)),
+                             torch.randn_like(grad), *three_channels,
+                             torch.randn_like(fused["x"]))),
         (triton_conv_wgrad, (grad, fused["x"], fused["weight"], stride, None, None)),
         (triton_conv_wgrad, (grad, fused["x"], fused["weight"], stride, fused["in_scale"],
                              fused["in_shift"], torch.randn_like(grad), *three_channels)),
