@@ -23,19 +23,23 @@ _WGRAD_PIXELS_PER_SPLIT = 8192
 def conv_dgrad_kernel(
         g_ptr, w_ptr, x_ptr, in_scale_ptr, in_shift_ptr, grad_x_ptr, sum_ptr, sum_x_ptr,
         tiles_ptr, y_ptr, mean_ptr, grad_mean_ptr, grad_var_ptr, other_ptr,
-        M, H, W, C_in, Ho, Wo, C_out,
+        M, M_CLASS, H, W, C_in, Ho, Wo, C_out,
         sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, sw_h, sw_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         PROLOGUE: tl.constexpr, STATISTICS: tl.constexpr, ADD_OTHER: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M input pixels, BLOCK_N input channels] tile of the input gradient.
 
     Layout: ``g`` (the output gradient) and ``grad_x`` are channels_last-contiguous, a
     row-major [pixels, channels] matrix; ``x`` (N, C_in, H, W) and ``w`` (C_out, C_in, KH,
-    KW) any strides. K is one loop over (tap, BLOCK_K chunk of C_out), as in the forward;
-    for stride 2 a tap contributes only where (h + PAD - kh) divides by the stride.
-    Programs in grouped order (``grouped_tile_indices``).
+    KW) any strides. The input pixels are split by parity class (h % STRIDE, w % STRIDE):
+    the programs of a class cover its M_CLASS = N * cdiv(H, STRIDE) * cdiv(W, STRIDE)
+    pixel slots (in grouped order, ``grouped_tile_indices``) and run only the taps that
+    reach its pixels, the kh with (h + PAD - kh) % STRIDE == 0 and likewise kw; with
+    stride 2 each pixel meets a quarter of the taps, so no masked-out MMA work is done
+    (a class a 1x1 tap does not reach runs none and writes zeros). K is one loop over
+    (tap, BLOCK_K chunk of C_out), as in the forward.
 
     With ``PROLOGUE`` (the forward applied a = relu(x * scale + shift)) the epilogue
     recomputes the ReLU mask from ``x``, writes grad_x = dL/da * mask * scale, and per-tile
@@ -49,22 +53,36 @@ def conv_dgrad_kernel(
     ``grad_x``): the gradient x gets from its other consumer (a block's shortcut), which
     autograd would otherwise add in a pass of its own.
     """
-    tile_m, rows, channels, row_valid, channel_valid = grouped_tile_indices(
-        M, C_in, BLOCK_M, BLOCK_N, GROUP_M)
-    image, h_, w_ = split_pixel_index(rows, H, W)
+    programs_per_class = tl.cdiv(M_CLASS, BLOCK_M) * tl.cdiv(C_in, BLOCK_N)
+    parity = tl.program_id(0) // programs_per_class
+    tile_m, slots, channels, row_valid, channel_valid = grouped_tile_indices(
+        tl.program_id(0) % programs_per_class, M_CLASS, C_in, BLOCK_M, BLOCK_N, GROUP_M)
+    image, h_slot, w_slot = split_pixel_index(slots, tl.cdiv(H, STRIDE), tl.cdiv(W, STRIDE))
+    h_parity = parity // STRIDE
+    w_parity = parity % STRIDE
+    h_ = h_slot * STRIDE + h_parity
+    w_ = w_slot * STRIDE + w_parity
+    row_valid = row_valid & (h_ < H) & (w_ < W)
+    # The class's taps: kh = first_kh + STRIDE * t, where h + PAD - kh = STRIDE * (h_slot
+    # + shift_h - t): the output row ho = h_slot + shift_h - t, no division per pixel.
+    first_kh = (h_parity + PAD) % STRIDE
+    first_kw = (w_parity + PAD) % STRIDE
+    shift_h = (h_parity + PAD) // STRIDE
+    shift_w = (w_parity + PAD) // STRIDE
+    taps_w = tl.cdiv(KW - first_kw, STRIDE)
+    taps = tl.cdiv(KH - first_kh, STRIDE) * taps_w
     k_range = tl.arange(0, BLOCK_K)
     chunks = tl.cdiv(C_out, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, KH * KW * chunks):
+    for step in range(0, taps * chunks):
         tap = step // chunks
-        kh = tap // KW
-        kw = tap % KW
-        h_num = h_ + PAD - kh
-        w_num = w_ + PAD - kw
-        ho = h_num // STRIDE
-        wo = w_num // STRIDE
-        valid = (row_valid & (h_num >= 0) & (w_num >= 0) & (h_num % STRIDE == 0)
-                 & (w_num % STRIDE == 0) & (ho < Ho) & (wo < Wo))
+        tap_h = tap // tl.maximum(taps_w, 1)
+        tap_w = tap - tap_h * taps_w
+        kh = first_kh + tap_h * STRIDE
+        kw = first_kw + tap_w * STRIDE
+        ho = h_slot + shift_h - tap_h
+        wo = w_slot + shift_w - tap_w
+        valid = row_valid & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
         g_rows = (image * Ho + ho) * Wo + wo
         k = (step - tap * chunks) * BLOCK_K + k_range
         k_valid = k < C_out
@@ -91,12 +109,15 @@ def conv_dgrad_kernel(
         scale = tl.load(in_scale_ptr + channels, mask=channel_valid, other=0.0)
         shift = tl.load(in_shift_ptr + channels, mask=channel_valid, other=0.0)
         grad_pre = tl.where(mask & (x * scale[None, :] + shift[None, :] > 0), acc, 0.0)
-        offsets = tile_m * C_in + channels
+        tiles_m = tl.cdiv(M_CLASS, BLOCK_M)
+        tile = parity * tiles_m + tile_m
+        offsets = tile * C_in + channels
         tl.store(sum_ptr + offsets, tl.sum(grad_pre, axis=0), mask=channel_valid)
         tl.store(sum_x_ptr + offsets, tl.sum(grad_pre * x, axis=0), mask=channel_valid)
-        record_tile_count(tiles_ptr, tile_m, tl.cdiv(M, BLOCK_M))
+        record_tile_count(tiles_ptr, tile, STRIDE * STRIDE * tiles_m)
         acc = grad_pre * scale[None, :]
-    offsets = rows.to(tl.int64)[:, None] * C_in + channels[None, :]
+    pixels = (image * H + h_) * W + w_
+    offsets = pixels[:, None] * C_in + channels[None, :]
     if ADD_OTHER:
         acc += tl.load(other_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(grad_x_ptr + offsets, acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
@@ -176,20 +197,25 @@ def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None, statistics
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     _, _, ho, wo = grad.shape
-    m = n * h * w
+    classes = stride * stride  # pixel parity classes, one set of programs each
+    pixels_per_class = n * triton.cdiv(h, stride) * triton.cdiv(w, stride)
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype,
                          memory_format=torch.channels_last)
     prologue = in_scale is not None
     # Per-tile sums of the scale/shift gradients: [shift, scale] rows of one buffer.
-    sums, tiles = (sum_buffers(2, tuning.max_tiles(conv_dgrad_kernel, m), c_in, x.device)
+    sums, tiles = (sum_buffers(2, classes * tuning.max_tiles(conv_dgrad_kernel,
+                                                             pixels_per_class),
+                               c_in, x.device)
                    if prologue else ((grad_x, grad_x), grad_x))
+    grid = grouped_grid(pixels_per_class, c_in)
     # Without a prologue x is not read (only its shape is used): grad_x stands in for it
     # and the other absent pointers, so that no launch is seen reading it.
-    tuning.launcher(conv_dgrad_kernel)[grouped_grid(m, c_in)](
+    tuning.launcher(conv_dgrad_kernel)[lambda meta: (classes * grid(meta)[0],)](
         grad, weight, x if prologue else grad_x, in_scale if prologue else grad_x,
         in_shift if prologue else grad_x, grad_x, sums[0], sums[1], tiles,
         *(statistics or (grad_x,) * 4), grad_x if other is None else other,
-        m, h, w, c_in, ho, wo, c_out, *x.stride(), *weight.stride(),
+        n * h * w, pixels_per_class, h, w, c_in, ho, wo, c_out, *x.stride(),
+        *weight.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
         STATISTICS=statistics is not None, ADD_OTHER=other is not None,
         DOT_PRECISION=dot_precision(x.dtype), GROUP_M=conv_forward._GROUP_M)

@@ -25,19 +25,19 @@ def tile_indices(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def grouped_tile_indices(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def grouped_tile_indices(program, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          GROUP_M: tl.constexpr):
-    """:func:`tile_indices` for a 1-D grid of cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) programs
-    in grouped order, and the row tile's index. Consecutive programs cover GROUP_M row
+    """:func:`tile_indices` of ``program`` (of cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
+    programs) in grouped order, and the row tile's index. Consecutive programs cover GROUP_M row
     tiles of one column tile, then the same rows of the next column tile: they share
     their row tiles (the activations) in L2, where the 2-D grid, row tiles fastest,
     streams every row tile once per column tile from DRAM when the activations exceed L2.
     """
     tiles_m = tl.cdiv(M, BLOCK_M)
     programs_per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = tl.program_id(0) // programs_per_group * GROUP_M
+    first_m = program // programs_per_group * GROUP_M
     rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    in_group = tl.program_id(0) % programs_per_group
+    in_group = program % programs_per_group
     tile_m = first_m + in_group % rows_in_group
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     columns = in_group // rows_in_group * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,7 +90,7 @@ def fused_conv_forward_kernel(
       statistics per-tile count/mean/M2 of acc for the next BatchNorm (one row per program along M).
     """
     tile_m, rows, channels, row_valid, channel_valid = grouped_tile_indices(
-        M, C_out, BLOCK_M, BLOCK_N, GROUP_M)
+        tl.program_id(0), M, C_out, BLOCK_M, BLOCK_N, GROUP_M)
     image, ho, wo = split_pixel_index(rows, Ho, Wo)
     k_range = tl.arange(0, BLOCK_K)
     chunks = tl.cdiv(C_in, BLOCK_K)

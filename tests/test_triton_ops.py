@@ -9,7 +9,7 @@ ERROR_FACTOR of what plain PyTorch makes in the same dtype.
 import pytest
 import torch
 
-from fused_resnet import triton_ops
+from fused_resnet import op_reference, triton_ops
 from fused_resnet.kernels import batch_norm_finalize
 from fused_resnet.reference import BatchNormParams, Finalize, normalization
 from fused_resnet.testing import errors_beyond_eager
@@ -56,6 +56,32 @@ def test_backward_ops_add_the_statistics_gradient(case, offset_of_mean, device,
     # 3x3 stride 1 and 2, channels not multiples of the interpreter tiles; a large mean
     # (|mean| / std = 1000) checks that the term is centred before the product.
     check_backward_with_statistics(case, offset_of_mean, device)
+
+
+@pytest.mark.parametrize("kernel, h, w", [(3, 7, 6), (3, 6, 7), (1, 6, 7), (1, 7, 7)])
+def test_stride_2_dgrad_every_parity_class(kernel, h, w, device, poisoned_allocations):
+    """dgrad runs each (h % 2, w % 2) class of input pixels with only the taps that reach
+    it (a 1x1 stride-2 tap reaches one class: the others must come out zero, not
+    unwritten); each class's gradient against fp64 within eager's error, odd and even H
+    and W, with the prologue's scale/shift gradients summed over the classes."""
+    case = (2, 5, h, w, 6, kernel, 2)
+    for dtype in [torch.float32, torch.float16]:
+        _, inputs = conv_inputs(case, torch.float64, device, "prologue_statistics")
+        ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        grad = torch.randn(2, 6, ho, wo, device=device, dtype=torch.float64)
+        results = {}
+        for name, dgrad, cast in [("truth", op_reference.conv_dgrad, torch.float64),
+                                  ("eager", op_reference.conv_dgrad, dtype),
+                                  ("fused", triton_conv_dgrad, dtype)]:
+            vectors = [inputs[k].to(torch.promote_types(cast, torch.float32))
+                       for k in ("in_scale", "in_shift")]
+            grad_x, grad_scale, grad_shift = dgrad(grad.to(cast), inputs["weight"].to(cast),
+                                                   inputs["x"].to(cast), 2, *vectors)
+            results[name] = {"grad_scale": grad_scale, "grad_shift": grad_shift, **{
+                f"grad_x[{ph}::2, {pw}::2]": grad_x[..., ph::2, pw::2]
+                for ph in range(2) for pw in range(2)}}
+        failures = errors_beyond_eager(results["fused"], results["eager"], results["truth"])
+        assert failures == [], f"{dtype}: {failures}"
 
 
 def test_dgrad_adds_the_other_gradient_of_its_input(device, poisoned_allocations):
