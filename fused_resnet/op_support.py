@@ -53,14 +53,14 @@ def conv_fake(x, weight, stride, in_scale, in_shift, out_scale, out_shift, resid
             x.new_empty(stats_size, dtype=statistics_dtype(x)))
 
 
-def conv_dgrad_fake(grad, weight, x, stride, in_scale, in_shift, *statistics):
+def conv_dgrad_fake(grad, weight, x, stride, in_scale, in_shift, *fusion_inputs):
     size = 0 if in_scale is None else x.shape[1]
     return (torch.empty_like(x, memory_format=_CHANNELS_LAST),
             x.new_empty(size, dtype=statistics_dtype(x)),
             x.new_empty(size, dtype=statistics_dtype(x)))
 
 
-def conv_wgrad_fake(grad, x, weight, stride, in_scale, in_shift, *statistics):
+def conv_wgrad_fake(grad, x, weight, stride, in_scale, in_shift, *fusion_inputs):
     return torch.empty_like(weight)
 
 
