@@ -207,10 +207,9 @@ def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None, statistics
                                                              pixels_per_class),
                                c_in, x.device)
                    if prologue else ((grad_x, grad_x), grad_x))
-    grid = grouped_grid(pixels_per_class, c_in)
     # Without a prologue x is not read (only its shape is used): grad_x stands in for it
     # and the other absent pointers, so that no launch is seen reading it.
-    tuning.launcher(conv_dgrad_kernel)[lambda meta: (classes * grid(meta)[0],)](
+    tuning.launcher(conv_dgrad_kernel)[grouped_grid(pixels_per_class, c_in, classes)](
         grad, weight, x if prologue else grad_x, in_scale if prologue else grad_x,
         in_shift if prologue else grad_x, grad_x, sums[0], sums[1], tiles,
         *(statistics or (grad_x,) * 4), grad_x if other is None else other,

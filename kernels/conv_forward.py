@@ -44,10 +44,13 @@ def grouped_tile_indices(program, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     return tile_m, rows, columns, rows < M, columns < N
 
 
-def grouped_grid(rows: int, columns: int):
-    """The launch grid of a kernel tiled by :func:`grouped_tile_indices`."""
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(columns,
-                                                                         meta["BLOCK_N"]),)
+def grouped_grid(rows: int, columns: int, copies: int = 1):
+    """The launch grid of a kernel tiled by :func:`grouped_tile_indices`, ``copies`` sets
+    of programs (dgrad: one per pixel parity class)."""
+    def grid(meta):
+        tiles_m = triton.cdiv(rows, meta["BLOCK_M"])
+        return (copies * tiles_m * triton.cdiv(columns, meta["BLOCK_N"]),)
+    return grid
 
 
 # Row tiles per group of the grouped tile order (grouped_tile_indices).
@@ -87,7 +90,7 @@ def fused_conv_forward_kernel(
       prologue  a = relu(x * in_scale[c] + in_shift[c]), then zero padding: padded taps
                 contribute 0, not relu(in_shift);
       epilogue  y = [relu](acc * out_scale[n] + out_shift[n] [+ residual]);
-      statistics per-tile count/mean/M2 of acc for the next BatchNorm (one row per program along M).
+      statistics per-tile count/mean/M2 of acc for the next BatchNorm (one row per row tile).
     """
     tile_m, rows, channels, row_valid, channel_valid = grouped_tile_indices(
         tl.program_id(0), M, C_out, BLOCK_M, BLOCK_N, GROUP_M)
