@@ -26,12 +26,13 @@ Outputs are channels_last; an NCHW input gets an NCHW output, as PyTorch would g
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from fused_resnet.op_support import batch_norm_input
+from fused_resnet.op_support import batch_norm_input, output_size
 from fused_resnet.reference import BatchNormParams, Finalize, Projection, normalization
 
 ScaleShift = tuple[Tensor, Tensor]
@@ -52,10 +53,21 @@ class Kernels(NamedTuple):
     # conv's arguments -> (y, mean, var, x for its other consumer), the gradient of which
     # dgrad adds to its own (op_support.conv_sharing_input); None: autograd adds them
     conv_sharing_input: Optional[Callable] = None
+    # A conv feeding a training BN (not synchronized, more than one value per channel):
+    # (x, weight, stride, in_scale, in_shift, bn, share_input) -> (y, (scale, shift), x
+    # for its other consumer as above), the BN's finalize done with the conv's statistics
+    # merge; None: conv (or conv_sharing_input), then finalize.
+    conv_bn_train: Optional[Callable] = None
 
 
 def _count(t: Tensor) -> int:
     return t.numel() // t.shape[1]
+
+
+def _count_after(x: Tensor, weight: Tensor, stride: int) -> int:
+    """Values per channel of conv(x, weight, stride)'s output."""
+    return x.shape[0] * math.prod(output_size(size, weight.shape[-1], stride)
+                                  for size in x.shape[2:])
 
 
 def _in_input_format(out: Tensor, x: Tensor) -> Tensor:
@@ -93,6 +105,10 @@ class FusedBlocks:
         consumer: with ``share_input``, where the kernels can, a view of x whose gradient
         this conv's dgrad adds to its own (``Kernels.conv_sharing_input``)."""
         in_scale, in_shift = prologue or (None, None)
+        if (self.kernels.conv_bn_train is not None and bn.training
+                and bn.process_group is None and _count_after(x, weight, stride) > 1):
+            return self.kernels.conv_bn_train(x, weight, stride, in_scale, in_shift, bn,
+                                              share_input)
         arguments = (x, weight, stride, in_scale, in_shift, None, None, None, False,
                      bn.uses_batch_stats)
         if share_input and self.kernels.conv_sharing_input is not None:

@@ -88,13 +88,18 @@ def _statistics_gradient(x: Tensor, mean: Tensor, grad_mean, grad_var) -> Tensor
     return grad
 
 
-def _conv_setup_context(ctx, inputs, output):
+def conv_setup_context(ctx, inputs, output, *more_saved: Optional[Tensor]):
+    """What the backward of a fused conv op needs; ``more_saved`` are saved after it (for
+    a Function that runs the conv with more, ``ctx.saved_tensors[CONV_SAVED:]``)."""
     x, weight, stride, in_scale, in_shift, out_scale, out_shift, residual, out_relu, stats = \
         inputs
     y, mean, _ = output
     ctx.stride, ctx.out_relu, ctx.statistics = stride, out_relu, stats
     ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, weight, in_scale, in_shift, out_scale, y, mean)
+    ctx.save_for_backward(x, weight, in_scale, in_shift, out_scale, y, mean, *more_saved)
+
+
+CONV_SAVED = 7  # tensors conv_setup_context saves for the conv itself
 
 
 def _epilogue_gradient(ctx, grad_y: Tensor, y: Tensor, mean: Tensor, out_scale,
@@ -130,27 +135,30 @@ def conv_backward(dgrad: Callable, wgrad: Callable,
                   backward_ops_take_statistics: bool = False) -> Callable:
     """The backward of a fused conv op from its backend's dgrad and wgrad ops:
     ``backward(ctx, grad_y, grad_mean, grad_var, other=None)``, ``ctx`` as
-    ``_conv_setup_context`` sets it. With ``backward_ops_take_statistics`` they take (y,
+    :func:`conv_setup_context` sets it. With ``backward_ops_take_statistics`` they take (y,
     mean, grad_mean, grad_var) after their usual arguments and add the gradient through
     the batch statistics of the conv output y themselves; else it is added here (a chain
     of fp32 aten ops). ``other``: a gradient of x from another consumer, which dgrad adds
-    to its result (its ``other`` argument)."""
-    def backward(ctx, grad_y, grad_mean, grad_var, other=None):
-        x, weight, in_scale, in_shift, out_scale, y, mean = ctx.saved_tensors
-        if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
+    to its result (its ``other`` argument). ``needs_input_grad``: which of the op's inputs
+    need a gradient, where a Function running the op has inputs of its own (default:
+    ``ctx.needs_input_grad``)."""
+    def backward(ctx, grad_y, grad_mean, grad_var, other=None, needs_input_grad=None):
+        needs = needs_input_grad or ctx.needs_input_grad
+        x, weight, in_scale, in_shift, out_scale, y, mean = ctx.saved_tensors[:CONV_SAVED]
+        if needs[5] or needs[6]:
             raise RuntimeError("fused conv: gradients of out_scale/out_shift are not "
                                "implemented; fold BatchNorm into the epilogue only when no "
                                "gradient is needed (fused_resnet's blocks do)")
         grad, statistics, grad_residual = _epilogue_gradient(
             ctx, grad_y, y, mean, out_scale, grad_mean, grad_var, backward_ops_take_statistics)
         grad_x = grad_weight = grad_in_scale = grad_in_shift = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        if needs[0] or needs[3] or needs[4]:
             grad_x, grad_in_scale, grad_in_shift = dgrad(
                 grad, weight, x, ctx.stride, in_scale, in_shift, *statistics,
                 **({} if other is None else {"other": other}))
             if in_scale is None:
                 grad_in_scale = grad_in_shift = None
-        if ctx.needs_input_grad[1]:
+        if needs[1]:
             grad_weight = wgrad(grad, x, weight, ctx.stride, in_scale, in_shift, *statistics)
         return (grad_x, grad_weight, None, grad_in_scale, grad_in_shift, None, None,
                 grad_residual, None, None)
@@ -160,7 +168,7 @@ def conv_backward(dgrad: Callable, wgrad: Callable,
 
 def register_conv_autograd(conv: object, backward: Callable) -> None:
     """Autograd of a fused conv op: ``backward`` from :func:`conv_backward`."""
-    torch.library.register_autograd(conv, backward, setup_context=_conv_setup_context)
+    torch.library.register_autograd(conv, backward, setup_context=conv_setup_context)
 
 
 def conv_sharing_input(conv: Callable, backward: Callable) -> Callable:
@@ -173,7 +181,7 @@ def conv_sharing_input(conv: Callable, backward: Callable) -> Callable:
         @staticmethod
         def forward(ctx, *inputs):
             outputs = conv(*inputs)
-            _conv_setup_context(ctx, inputs, outputs)
+            conv_setup_context(ctx, inputs, outputs)
             return (*outputs, inputs[0].view_as(inputs[0]))
 
         @staticmethod

@@ -34,8 +34,9 @@ from torch.library import custom_op, triton_op
 
 from fused_resnet import op_support
 from fused_resnet.fused_blocks import Kernels
-from fused_resnet.reference import Finalize
+from fused_resnet.reference import BatchNormParams, Finalize
 from fused_resnet.kernels import batch_norm_finalize, conv_backward, conv_forward, elementwise
+from fused_resnet.kernels import statistics as statistics_kernels
 from fused_resnet.kernels.tuning import INTERPRETED
 
 _define_op = custom_op if INTERPRETED else triton_op
@@ -77,12 +78,12 @@ def triton_conv(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tenso
     if statistics and (out_scale is not None or residual is not None or out_relu):
         raise ValueError("triton_conv: statistics are of the raw conv output; they cannot "
                          "be combined with an epilogue (out_scale, residual, out_relu)")
-    y, stats = conv_forward.fused_conv_forward(
+    y, partials = conv_forward.fused_conv_forward(
         x, weight, stride, in_scale, in_shift, out_scale, out_shift,
         None if residual is None else _channels_last(residual), out_relu, statistics)
-    if stats is None:
+    if partials is None:
         return y, _empty_like_channel(x), _empty_like_channel(x)
-    return y, stats[0], stats[1]
+    return (y, *statistics_kernels.merge(*partials))
 
 
 triton_conv.register_fake(op_support.conv_fake)
@@ -247,22 +248,36 @@ def _triton_bn_scale_shift_backward_fake(grad_scale, grad_shift, mean, var, weig
             _empty_like_channel(mean) if bias is None else torch.empty_like(bias)]
 
 
-def _bn_scale_shift_backward(ctx, grad_scale, grad_shift):
-    mean, var, weight, bias = ctx.saved_tensors
+def _scale_shift_gradients(grad_scale, grad_shift, mean, var, weight, bias, eps):
+    """(grad_mean, grad_var, grad_weight, grad_bias) of a BN's (scale, shift), given the
+    gradients autograd delivers for them (None: zero); None for an absent weight or bias."""
     grad_scale = torch.zeros_like(mean) if grad_scale is None else grad_scale
     grad_shift = torch.zeros_like(mean) if grad_shift is None else grad_shift
     grad_mean, grad_var, grad_weight, grad_bias = triton_bn_scale_shift_backward(
-        grad_scale, grad_shift, mean, var, weight, bias, ctx.eps)
+        grad_scale, grad_shift, mean, var, weight, bias, eps)
     return (grad_mean, grad_var, None if weight is None else grad_weight,
-            None if bias is None else grad_bias, None)
+            None if bias is None else grad_bias)
+
+
+def _bn_scale_shift_backward(ctx, grad_scale, grad_shift):
+    return (*_scale_shift_gradients(grad_scale, grad_shift, *ctx.saved_tensors, ctx.eps),
+            None)
 
 
 triton_bn_scale_shift.register_autograd(_bn_scale_shift_backward,
                                         setup_context=op_support.bn_scale_shift_setup_context)
 
 
-@_op("triton_bn_train_finalize",
-     mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _check_running_contiguous(op: str, *running: Optional[Tensor]) -> None:
+    if not all(t.is_contiguous() for t in running if t is not None):
+        raise ValueError(f"{op}: running_mean, running_var and num_batches_tracked must be "
+                         "contiguous (they are updated in place)")
+
+
+@_op("triton_bn_train_finalize", mutates_args=_RUNNING)
 def triton_bn_train_finalize(mean: Tensor, var: Tensor, weight: Optional[Tensor],
                              bias: Optional[Tensor], eps: float,
                              running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -271,10 +286,8 @@ def triton_bn_train_finalize(mean: Tensor, var: Tensor, weight: Optional[Tensor]
     """:func:`triton_bn_scale_shift` of a training BN, which also counts the batch and
     updates the running statistics (momentum, or the cumulative average when None) in
     the same launch."""
-    running = [t for t in (running_mean, running_var, num_batches_tracked) if t is not None]
-    if not all(t.is_contiguous() for t in running):
-        raise ValueError("triton_bn_train_finalize: running_mean, running_var and "
-                         "num_batches_tracked must be contiguous (they are updated in place)")
+    _check_running_contiguous("triton_bn_train_finalize", running_mean, running_var,
+                              num_batches_tracked)
     return batch_norm_finalize.bn_train_finalize(*_dense(mean, var, weight, bias), eps,
                                                  running_mean, running_var,
                                                  num_batches_tracked, momentum, count)
@@ -301,9 +314,79 @@ class _TrainFinalize(torch.autograd.Function):
         return _bn_scale_shift_backward(ctx, grad_scale, grad_shift) + (None,) * 5
 
 
+# --- a conv feeding a training BatchNorm: the statistics merge in the finalize ----------
+
+
+@_op("triton_conv_bn_train", mutates_args=_RUNNING)
+def triton_conv_bn_train(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tensor],
+                         in_shift: Optional[Tensor], bn_weight: Optional[Tensor],
+                         bn_bias: Optional[Tensor], eps: float,
+                         running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`triton_conv` with statistics, then :func:`triton_bn_train_finalize` of the
+    BatchNorm its output feeds, in two launches: the finalize merges the conv's per-tile
+    statistics itself. Returns (y, mean, var, scale, shift)."""
+    _check_running_contiguous("triton_conv_bn_train", running_mean, running_var,
+                              num_batches_tracked)
+    y, partials = conv_forward.fused_conv_forward(x, weight, stride, in_scale, in_shift,
+                                                  statistics=True)
+    return (y, *batch_norm_finalize.bn_merge_train_finalize(
+        partials, *_dense(bn_weight, bn_bias), eps, running_mean, running_var,
+        num_batches_tracked, momentum, y.numel() // y.shape[1]))
+
+
+@triton_conv_bn_train.register_fake
+def _triton_conv_bn_train_fake(x, weight, stride, in_scale, in_shift, bn_weight, bn_bias,
+                               *finalize_arguments):
+    y, mean, var = op_support.conv_fake(x, weight, stride, in_scale, in_shift, None, None,
+                                        None, False, True)
+    return y, mean, var, torch.empty_like(mean), torch.empty_like(mean)
+
+
+class _ConvBatchNormTraining(torch.autograd.Function):
+    """:func:`triton_conv_bn_train` with autograd (an op that mutates its inputs cannot
+    carry a formula itself): (y, scale, shift), and with ``share_input`` x as a view for
+    another consumer, whose gradient the conv's dgrad adds (``op_support.conv_sharing_input``).
+    Backward: the finalize's backward, then the conv's, which takes the statistics'
+    gradients into its dgrad and wgrad."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, in_scale, in_shift, bn_weight, bn_bias, eps,
+                running_mean, running_var, num_batches_tracked, momentum, share_input):
+        y, mean, var, scale, shift = triton_conv_bn_train(
+            x, weight, stride, in_scale, in_shift, bn_weight, bn_bias, eps, running_mean,
+            running_var, num_batches_tracked, momentum)
+        op_support.conv_setup_context(
+            ctx, (x, weight, stride, in_scale, in_shift, None, None, None, False, True),
+            (y, mean, var), var, bn_weight, bn_bias)
+        ctx.eps = eps
+        outputs = (y, scale, shift)
+        return (*outputs, x.view_as(x)) if share_input else outputs
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_scale, grad_shift, grad_shared=None):
+        mean, var, bn_weight, bn_bias = ctx.saved_tensors[op_support.CONV_SAVED - 1:]
+        grad_mean, grad_var, grad_bn_weight, grad_bn_bias = _scale_shift_gradients(
+            grad_scale, grad_shift, mean, var, bn_weight, bn_bias, ctx.eps)
+        conv_grads = _conv_backward(ctx, grad_y, grad_mean, grad_var, grad_shared,
+                                    needs_input_grad=ctx.needs_input_grad[:5] + (False,) * 5)
+        return (*conv_grads[:5], grad_bn_weight, grad_bn_bias) + (None,) * 6
+
+
+def _conv_bn_train(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tensor],
+                   in_shift: Optional[Tensor], bn: BatchNormParams, share_input: bool):
+    """``Kernels.conv_bn_train``: (y, (scale, shift), x for its other consumer)."""
+    y, scale, shift, *shared = _ConvBatchNormTraining.apply(
+        x, weight, stride, in_scale, in_shift, bn.weight, bn.bias, bn.eps, bn.running_mean,
+        bn.running_var, bn.num_batches_tracked, bn.momentum, share_input)
+    return y, (scale, shift), (shared[0] if shared else x)
+
+
 KERNELS = Kernels(conv=triton_conv, bn_add_relu=triton_bn_add_relu,
                   channel_stats=triton_channel_stats,
                   conv_sharing_input=op_support.conv_sharing_input(triton_conv,
                                                                    _conv_backward),
                   finalize=Finalize(scale_shift=triton_bn_scale_shift,
-                                    training=_TrainFinalize.apply))
+                                    training=_TrainFinalize.apply),
+                  conv_bn_train=_conv_bn_train)

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from . import statistics
+from .statistics import merged_statistics
 
 # Channels per program: ResNet-50's widest BN (2048 channels) takes two programs.
 _BLOCK = 1024
@@ -25,21 +27,25 @@ def _channels(C, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _inverse_std(var_ptr, channels, valid, eps):
-    var = tl.load(var_ptr + channels, mask=valid, other=1.0).to(tl.float32)
+def _load(ptr, channels, valid, other):
+    return tl.load(ptr + channels, mask=valid, other=other).to(tl.float32)
+
+
+@triton.jit
+def _inverse_std(var, eps):
     # Correctly rounded sqrt and division (not rsqrt.approx), as torch.rsqrt's CPU result.
     return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
 
 
 @triton.jit
-def _scale_shift(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, channels,
-                 valid, eps, WEIGHT: tl.constexpr, BIAS: tl.constexpr):
-    scale = _inverse_std(var_ptr, channels, valid, eps)
+def _store_scale_shift(mean, var, weight_ptr, bias_ptr, scale_ptr, shift_ptr, channels,
+                       valid, eps, WEIGHT: tl.constexpr, BIAS: tl.constexpr):
+    scale = _inverse_std(var, eps)
     if WEIGHT:
-        scale *= tl.load(weight_ptr + channels, mask=valid, other=0.0).to(tl.float32)
-    shift = -tl.load(mean_ptr + channels, mask=valid, other=0.0).to(tl.float32) * scale
+        scale *= _load(weight_ptr, channels, valid, 0.0)
+    shift = -mean * scale
     if BIAS:
-        shift += tl.load(bias_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+        shift += _load(bias_ptr, channels, valid, 0.0)
     tl.store(scale_ptr + channels, scale, mask=valid)
     tl.store(shift_ptr + channels, shift, mask=valid)
 
@@ -49,8 +55,9 @@ def bn_scale_shift_kernel(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, sh
                           eps, WEIGHT: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """scale = weight / sqrt(var + eps), shift = bias - mean * scale, per channel [C]."""
     channels, valid = _channels(C, BLOCK)
-    _scale_shift(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, channels,
-                 valid, eps, WEIGHT, BIAS)
+    _store_scale_shift(_load(mean_ptr, channels, valid, 0.0), _load(var_ptr, channels, valid, 1.0),
+                       weight_ptr, bias_ptr, scale_ptr, shift_ptr, channels, valid, eps,
+                       WEIGHT, BIAS)
 
 
 @triton.jit
@@ -64,12 +71,12 @@ def bn_scale_shift_backward_kernel(grad_scale_ptr, grad_shift_ptr, mean_ptr, var
     dL/dmean = -dL/dshift * scale, dL/dvar = -g * weight * rstd^3 / 2,
     dL/dweight = g * rstd, dL/dbias = dL/dshift; [C] each, in the inputs' dtypes."""
     channels, valid = _channels(C, BLOCK)
-    rstd = _inverse_std(var_ptr, channels, valid, eps)
+    rstd = _inverse_std(_load(var_ptr, channels, valid, 1.0), eps)
     weight = tl.full([BLOCK], 1.0, tl.float32)
     if WEIGHT:
-        weight = tl.load(weight_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+        weight = _load(weight_ptr, channels, valid, 0.0)
     grad_shift = tl.load(grad_shift_ptr + channels, mask=valid, other=0.0)
-    mean = tl.load(mean_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+    mean = _load(mean_ptr, channels, valid, 0.0)
     through_scale = tl.load(grad_scale_ptr + channels, mask=valid, other=0.0) - grad_shift * mean
     tl.store(grad_mean_ptr + channels, -grad_shift * weight * rstd, mask=valid)
     tl.store(grad_var_ptr + channels, through_scale * weight * -0.5 * rstd * rstd * rstd,
@@ -83,11 +90,35 @@ def bn_scale_shift_backward_kernel(grad_scale_ptr, grad_shift_ptr, mean_ptr, var
 
 
 @triton.jit
-def _blend(batch_ptr, running_ptr, channels, valid, factor, correction):
-    batch = tl.load(batch_ptr + channels, mask=valid, other=0.0).to(tl.float32)
-    running = tl.load(running_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+def _blend(batch, running_ptr, channels, valid, factor, correction):
+    running = _load(running_ptr, channels, valid, 0.0)
     updated = running * (1.0 - factor) + batch * correction * factor
     tl.store(running_ptr + channels, updated.to(running_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _count_batch(batches_ptr, momentum, COUNTED: tl.constexpr, CUMULATIVE: tl.constexpr):
+    """``num_batches_tracked`` + 1, and the factor the running statistics move by:
+    ``momentum``, or 1 / num_batches_tracked for the cumulative average."""
+    factor = momentum
+    if COUNTED:
+        batches = tl.load(batches_ptr) + 1
+        tl.store(batches_ptr, batches)
+        if CUMULATIVE:
+            factor = 1.0 / batches.to(tl.float32)
+    return factor
+
+
+@triton.jit
+def _finalize_training(mean, var, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
+                       running_mean_ptr, running_var_ptr, channels, valid, eps, factor,
+                       unbias, WEIGHT: tl.constexpr, BIAS: tl.constexpr,
+                       RUNNING: tl.constexpr):
+    _store_scale_shift(mean, var, weight_ptr, bias_ptr, scale_ptr, shift_ptr, channels, valid,
+                       eps, WEIGHT, BIAS)
+    if RUNNING:
+        _blend(mean, running_mean_ptr, channels, valid, factor, 1.0)
+        _blend(var, running_var_ptr, channels, valid, factor, unbias)
 
 
 @triton.jit
@@ -101,20 +132,42 @@ def bn_train_finalize_kernel(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr,
     factor * batch with the unbiased variance var * unbias (unbias = count / (count - 1)),
     factor = momentum, or 1 / num_batches_tracked for the cumulative average. One
     program, so that every channel reads the count before it is written."""
-    factor = momentum
-    if COUNTED:
-        batches = tl.load(batches_ptr) + 1
-        tl.store(batches_ptr, batches)
-        if CUMULATIVE:
-            factor = 1.0 / batches.to(tl.float32)
+    factor = _count_batch(batches_ptr, momentum, COUNTED, CUMULATIVE)
     for start in range(0, C, BLOCK):
         channels = start + tl.arange(0, BLOCK)
         valid = channels < C
-        _scale_shift(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, channels,
-                     valid, eps, WEIGHT, BIAS)
-        if RUNNING:
-            _blend(mean_ptr, running_mean_ptr, channels, valid, factor, 1.0)
-            _blend(var_ptr, running_var_ptr, channels, valid, factor, unbias)
+        _finalize_training(_load(mean_ptr, channels, valid, 0.0),
+                           _load(var_ptr, channels, valid, 1.0), weight_ptr, bias_ptr,
+                           scale_ptr, shift_ptr, running_mean_ptr, running_var_ptr, channels,
+                           valid, eps, factor, unbias, WEIGHT, BIAS, RUNNING)
+
+
+@triton.jit
+def bn_merge_train_finalize_kernel(
+        count_ptr, tile_mean_ptr, m2_ptr, tiles_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr,
+        scale_ptr, shift_ptr, running_mean_ptr, running_var_ptr, batches_ptr, C, eps,
+        momentum, unbias, WEIGHT: tl.constexpr, BIAS: tl.constexpr, RUNNING: tl.constexpr,
+        COUNTED: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr):
+    """:func:`bn_train_finalize_kernel` from the per-tile statistics a conv wrote
+    (:func:`statistics.merged_statistics` of [tiles, C] count/mean/M2), which it also
+    stores as (mean, var): the merge and the finalize in one launch. Programs take
+    BLOCK_C channels at a time; program 0 counts the batch, and with the cumulative
+    average (whose factor needs the new count) the grid is one program."""
+    factor = momentum
+    if tl.program_id(0) == 0:
+        factor = _count_batch(batches_ptr, momentum, COUNTED, CUMULATIVE)
+    tiles = tl.load(tiles_ptr)
+    for start in range(tl.program_id(0) * BLOCK_C, C, tl.num_programs(0) * BLOCK_C):
+        channels = start + tl.arange(0, BLOCK_C)
+        valid = channels < C
+        mean, var = merged_statistics(count_ptr, tile_mean_ptr, m2_ptr, tiles, channels,
+                                      valid, C, BLOCK_T)
+        tl.store(mean_ptr + channels, mean, mask=valid)
+        tl.store(var_ptr + channels, var, mask=valid)
+        _finalize_training(mean, var, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
+                           running_mean_ptr, running_var_ptr, channels, valid, eps, factor,
+                           unbias, WEIGHT, BIAS, RUNNING)
 
 
 def _grid(c: int) -> tuple[int]:
@@ -148,17 +201,43 @@ def bn_scale_shift_backward(grad_scale, grad_shift, mean, var, weight, bias, eps
     return grad_mean, grad_var, grad_weight, grad_bias
 
 
+def _training_arguments(weight, bias, running_mean, running_var, num_batches_tracked,
+                        momentum, count, stand_in):
+    """The arguments after the statistics that both training finalize kernels take, and
+    their flags; ``stand_in`` fills absent pointers (never read: constexpr flags)."""
+    pointers = [stand_in if t is None else t
+                for t in (weight, bias, running_mean, running_var, num_batches_tracked)]
+    flags = dict(WEIGHT=weight is not None, BIAS=bias is not None,
+                 RUNNING=running_mean is not None, COUNTED=num_batches_tracked is not None,
+                 CUMULATIVE=momentum is None)
+    return pointers, (0.0 if momentum is None else momentum, count / (count - 1)), flags
+
+
 def bn_train_finalize(mean, var, weight, bias, eps, running_mean, running_var,
                       num_batches_tracked, momentum, count):
     """Launch :func:`bn_train_finalize_kernel`: (scale, shift), fp32 [C]; updates the
     running statistics and ``num_batches_tracked`` (each may be None)."""
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+    (weight, bias, *running), scalars, flags = _training_arguments(
+        weight, bias, running_mean, running_var, num_batches_tracked, momentum, count, mean)
     tuning.launcher(bn_train_finalize_kernel)[(1,)](
-        mean, var, mean if weight is None else weight, mean if bias is None else bias, scale,
-        shift, mean if running_mean is None else running_mean,
-        var if running_var is None else running_var,
-        mean if num_batches_tracked is None else num_batches_tracked, mean.numel(), eps,
-        0.0 if momentum is None else momentum, count / (count - 1),
-        WEIGHT=weight is not None, BIAS=bias is not None, RUNNING=running_mean is not None,
-        COUNTED=num_batches_tracked is not None, CUMULATIVE=momentum is None, BLOCK=_BLOCK)
+        mean, var, weight, bias, scale, shift, *running, mean.numel(), eps, *scalars,
+        **flags, BLOCK=_BLOCK)
     return scale, shift
+
+
+def bn_merge_train_finalize(partials, weight, bias, eps, running_mean, running_var,
+                            num_batches_tracked, momentum, count):
+    """Launch :func:`bn_merge_train_finalize_kernel` on a conv's per-tile statistics
+    (``statistics.partial_buffers``): (mean, biased var, scale, shift), fp32 [C]; updates
+    the running statistics and ``num_batches_tracked`` (each may be None)."""
+    channels = partials[0].shape[1]
+    mean, var, scale, shift = (torch.empty(channels, device=partials[0].device,
+                                           dtype=torch.float32) for _ in range(4))
+    (weight, bias, *running), scalars, flags = _training_arguments(
+        weight, bias, running_mean, running_var, num_batches_tracked, momentum, count, mean)
+    grid = (1 if momentum is None else triton.cdiv(channels, statistics.MERGE_CHANNELS),)
+    tuning.launcher(bn_merge_train_finalize_kernel)[grid](
+        *partials, weight, bias, mean, var, scale, shift, *running, channels, eps, *scalars,
+        **flags, BLOCK_T=statistics.MERGE_TILES, BLOCK_C=statistics.MERGE_CHANNELS)
+    return mean, var, scale, shift

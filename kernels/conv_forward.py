@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .statistics import merge, partial_buffers, store_tile_statistics
+from .statistics import partial_buffers, store_tile_statistics
 from . import tuning
 
 _CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
@@ -147,7 +147,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 def fused_conv_forward(x, weight, stride, in_scale=None, in_shift=None, out_scale=None,
                        out_shift=None, residual=None, out_relu=False, statistics=False):
     """Launch :func:`fused_conv_forward_kernel`; returns ``y`` (channels_last) and, with
-    ``statistics``, the per-channel (mean, biased variance) of the pre-epilogue acc."""
+    ``statistics``, the per-tile statistics of the pre-epilogue acc (``partial_buffers``:
+    ``statistics.merge`` gives their per-channel mean and biased variance)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     ho, wo = output_size(h, kh, stride), output_size(w, kw, stride)
@@ -167,4 +168,4 @@ def fused_conv_forward(x, weight, stride, in_scale=None, in_shift=None, out_scal
         PROLOGUE=in_scale is not None, OUT_AFFINE=out_scale is not None,
         RESIDUAL=residual is not None, OUT_RELU=out_relu, STATISTICS=statistics,
         DOT_PRECISION=dot_precision(x.dtype), GROUP_M=_GROUP_M)
-    return y, (merge(*partials) if statistics else None)
+    return y, (partials if statistics else None)

@@ -16,8 +16,8 @@ import triton.language as tl
 from . import tuning
 
 # Tiles the merge combines per step, and channels per merge program.
-_MERGE_TILES = 32
-_MERGE_CHANNELS = 64
+MERGE_TILES = 32
+MERGE_CHANNELS = 64
 
 
 @triton.jit
@@ -82,17 +82,16 @@ def sum_tiles_kernel(partials_ptr, tiles_ptr, sum0_ptr, sum1_ptr, sum2_ptr, MAX_
 
 
 @triton.jit
-def merge_kernel(count_ptr, mean_ptr, m2_ptr, tiles_ptr, merged_mean_ptr, merged_var_ptr, C,
-                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel (mean, biased variance) of the first ``tiles`` rows of the [tiles, C]
-    partials: each block of BLOCK_T tiles is combined in parallel, then merged into the
-    running result with Chan's formula, blocks in order."""
-    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_valid = channels < C
-    tiles = tl.load(tiles_ptr)
-    count = tl.zeros((BLOCK_C,), tl.float32)
-    mean = tl.zeros((BLOCK_C,), tl.float32)
-    m2 = tl.zeros((BLOCK_C,), tl.float32)
+def merged_statistics(count_ptr, mean_ptr, m2_ptr, tiles, channels, channel_valid, C,
+                      BLOCK_T: tl.constexpr):
+    """Per-channel (mean, biased variance) of ``channels`` over the first ``tiles`` rows of
+    the [tiles, C] partials: each block of BLOCK_T tiles is combined in parallel, then
+    merged into the running result with Chan's formula, blocks in order. NaN for an empty
+    input, as torch.mean gives (no 0 / 0 computed, even in lanes the caller masks: the
+    interpreter warns about those)."""
+    count = tl.zeros(channels.shape, tl.float32)
+    mean = tl.zeros(channels.shape, tl.float32)
+    m2 = tl.zeros(channels.shape, tl.float32)
     for first in range(0, tiles, BLOCK_T):
         rows = first + tl.arange(0, BLOCK_T)
         mask = (rows < tiles)[:, None] & channel_valid[None, :]
@@ -109,13 +108,21 @@ def merge_kernel(count_ptr, mean_ptr, m2_ptr, tiles_ptr, merged_mean_ptr, merged
         mean += delta * block_count / tl.maximum(total, 1.0)
         m2 += block_m2 + delta * delta * count * block_count / tl.maximum(total, 1.0)
         count = total
-    # An empty input gives NaN, as torch.mean does (no 0 / 0 computed, even in lanes the
-    # store masks: the interpreter warns about those).
     empty = count == 0
-    tl.store(merged_mean_ptr + channels, tl.where(empty, float("nan"), mean),
-             mask=channel_valid)
-    tl.store(merged_var_ptr + channels,
-             tl.where(empty, float("nan"), m2 / tl.maximum(count, 1.0)), mask=channel_valid)
+    return (tl.where(empty, float("nan"), mean),
+            tl.where(empty, float("nan"), m2 / tl.maximum(count, 1.0)))
+
+
+@triton.jit
+def merge_kernel(count_ptr, mean_ptr, m2_ptr, tiles_ptr, merged_mean_ptr, merged_var_ptr, C,
+                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """:func:`merged_statistics` of BLOCK_C channels per program, stored."""
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_valid = channels < C
+    mean, var = merged_statistics(count_ptr, mean_ptr, m2_ptr, tl.load(tiles_ptr), channels,
+                                  channel_valid, C, BLOCK_T)
+    tl.store(merged_mean_ptr + channels, mean, mask=channel_valid)
+    tl.store(merged_var_ptr + channels, var, mask=channel_valid)
 
 
 def _tile_count(max_tiles: int, device: torch.device) -> torch.Tensor:
@@ -143,9 +150,9 @@ def sum_tiles(partials: torch.Tensor, tiles: torch.Tensor) -> list[torch.Tensor]
     kinds, max_tiles, channels = partials.shape
     sums = [torch.empty(channels, device=partials.device, dtype=torch.float32)
             for _ in range(kinds)]
-    tuning.launcher(sum_tiles_kernel)[(triton.cdiv(channels, _MERGE_CHANNELS), kinds)](
+    tuning.launcher(sum_tiles_kernel)[(triton.cdiv(channels, MERGE_CHANNELS), kinds)](
         partials, tiles, *(sums + sums[:1] * (3 - kinds)), max_tiles, channels,
-        BLOCK_T=_MERGE_TILES, BLOCK_C=_MERGE_CHANNELS)
+        BLOCK_T=MERGE_TILES, BLOCK_C=MERGE_CHANNELS)
     return sums
 
 
@@ -154,7 +161,7 @@ def merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, tiles: torc
     channels = count.shape[1]
     merged_mean, merged_var = (torch.empty(channels, device=count.device,
                                            dtype=torch.float32) for _ in range(2))
-    tuning.launcher(merge_kernel)[(triton.cdiv(channels, _MERGE_CHANNELS),)](
-        count, mean, m2, tiles, merged_mean, merged_var, channels, BLOCK_T=_MERGE_TILES,
-        BLOCK_C=_MERGE_CHANNELS)
+    tuning.launcher(merge_kernel)[(triton.cdiv(channels, MERGE_CHANNELS),)](
+        count, mean, m2, tiles, merged_mean, merged_var, channels, BLOCK_T=MERGE_TILES,
+        BLOCK_C=MERGE_CHANNELS)
     return merged_mean, merged_var

@@ -31,8 +31,8 @@ def cross_reduction_thresholds(monkeypatch):
     monkeypatch.setattr(conv_forward, "_GROUP_M", 3)
     monkeypatch.setattr(conv_backward, "_WGRAD_PIXELS_PER_SPLIT", 20)
     monkeypatch.setattr(conv_backward, "_SUM_SPLITS_BLOCK", 64)
-    monkeypatch.setattr(statistics, "_MERGE_TILES", 2)
-    monkeypatch.setattr(statistics, "_MERGE_CHANNELS", 16)
+    monkeypatch.setattr(statistics, "MERGE_TILES", 2)
+    monkeypatch.setattr(statistics, "MERGE_CHANNELS", 16)
 
 
 def dtypes(device):

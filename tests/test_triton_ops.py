@@ -9,7 +9,7 @@ ERROR_FACTOR of what plain PyTorch makes in the same dtype.
 import pytest
 import torch
 
-from fused_resnet import op_reference, triton_ops
+from fused_resnet import op_reference, reference, triton_ops
 from fused_resnet.kernels import batch_norm_finalize
 from fused_resnet.reference import BatchNormParams, Finalize, normalization
 from fused_resnet.testing import errors_beyond_eager
@@ -17,8 +17,8 @@ from fused_resnet.triton_ops import (triton_bn_add_relu, triton_channel_stats, t
                                      triton_conv_dgrad, triton_conv_wgrad)
 from opcases import (CONV_CASES, FUSIONS, STEM_CASE, check_backward_with_statistics,
                      check_bn_add_relu, check_channel_statistics, check_triton_conv,
-                     conv_inputs, conv_results, cross_reduction_thresholds,
-                     triton_conv_outputs)
+                     conv_inputs, conv_results, cross_reduction_thresholds, grads,
+                     reference_conv, triton_conv_outputs, with_grad)
 
 CONV_PARAMS = [(case, fusion) for case in CONV_CASES for fusion in FUSIONS] + [
     (STEM_CASE, "plain")]
@@ -158,6 +158,60 @@ def test_statistics_with_an_epilogue_are_refused(device):
     with pytest.raises(ValueError, match="statistics are of the raw conv output"):
         triton_conv(inputs["x"], inputs["weight"], 2, None, None, inputs["out_scale"],
                     inputs["out_shift"], None, False, True)
+
+
+def _conv_then_normalization(x, weight, stride, in_scale, in_shift, bn, share_input):
+    """What Kernels.conv_bn_train computes, from the reference's conv, statistics and
+    finalize."""
+    y = reference_conv(stride, x, weight, in_scale, in_shift)
+    count = y.numel() // y.shape[1]
+    return y, normalization(bn, count, reference.batch_statistics(y)), x
+
+
+@pytest.mark.parametrize("momentum, running, share_input", [
+    (0.1, True, False), (None, True, True), (0.1, False, True)])
+@pytest.mark.parametrize("prologue", [True, False])
+def test_conv_bn_train_matches_conv_then_finalize(momentum, running, share_input, prologue,
+                                                  device, monkeypatch,
+                                                  poisoned_allocations):
+    """The triton conv feeding a training BN, whose finalize merges the conv's per-tile
+    statistics (triton_conv_bn_train): y, scale, shift, the running statistics and
+    num_batches_tracked, and the gradient of every input (through scale and shift, and
+    through the shared view of x), against the reference's conv, statistics and
+    normalization in fp64. Output channels span several merge programs (and the
+    cumulative average's single program loops over them)."""
+    cross_reduction_thresholds(monkeypatch)
+    case = (3, 5, 7, 6, 37, 3, 2)
+    fusion = "prologue_statistics" if prologue else "plain"
+    stride, inputs = conv_inputs(case, torch.float32, device, fusion)
+    generator = torch.Generator().manual_seed(2)
+    c_out = case[4]
+    bn_tensors = {"bn weight": torch.randn(c_out, generator=generator),
+                  "bn bias": torch.randn(c_out, generator=generator)}
+    running_stats = [torch.rand(c_out, generator=generator) for _ in range(2)]
+    results = {}
+    for name, conv_bn, dtype in [("truth", _conv_then_normalization, torch.float64),
+                                 ("eager", _conv_then_normalization, torch.float32),
+                                 ("fused", triton_ops.KERNELS.conv_bn_train, torch.float32)]:
+        tensors = with_grad(inputs, dtype)
+        bn_params = {k: v.to(device, dtype).requires_grad_() for k, v in bn_tensors.items()}
+        buffers = ((*(r.to(device, dtype) for r in running_stats),
+                    torch.tensor(3, device=device)) if running else (None, None, None))
+        bn = BatchNormParams(*bn_params.values(), *buffers, momentum, 1e-5, True)
+        y, (scale, shift), x_shared = conv_bn(tensors["x"], tensors["weight"], stride,
+                                             tensors.get("in_scale"), tensors.get("in_shift"),
+                                             bn, share_input)
+        loss = ((y * torch.linspace(-1, 1, y.numel(), device=device, dtype=dtype).view_as(y))
+                .sum() + (scale * scale).sum() + (shift * scale).sum()
+                + (x_shared * x_shared).sum())
+        loss.backward()
+        results[name] = {"y": y.detach(), "scale": scale.detach(), "shift": shift.detach(),
+                         **grads(tensors), **{f"grad {k}": v.grad for k, v in bn_params.items()}}
+        if running:
+            results[name].update({"running mean": buffers[0], "running var": buffers[1],
+                                  "num_batches_tracked": buffers[2]})
+    assert set(results["fused"]) == set(results["truth"])
+    assert errors_beyond_eager(results["fused"], results["eager"], results["truth"]) == []
 
 
 @pytest.mark.parametrize("affine", [True, False])

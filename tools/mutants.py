@@ -84,8 +84,11 @@ MUTANTS = [
     Mutant("finalize-eps-outside-the-sqrt", "kernels/batch_norm_finalize.py",
            "tl.sqrt_rn(var + eps)", "(tl.sqrt_rn(var) + eps)", TRITON_OPS),
     Mutant("finalize-running-var-biased", "kernels/batch_norm_finalize.py",
-           "_blend(var_ptr, running_var_ptr, channels, valid, factor, unbias)",
-           "_blend(var_ptr, running_var_ptr, channels, valid, factor, 1.0)", TRITON_OPS),
+           "_blend(var, running_var_ptr, channels, valid, factor, unbias)",
+           "_blend(var, running_var_ptr, channels, valid, factor, 1.0)", TRITON_OPS),
+    Mutant("merging-finalize-counts-the-batch-per-program", "kernels/batch_norm_finalize.py",
+           "    if tl.program_id(0) == 0:\n        factor = _count_batch(",
+           "    if True:\n        factor = _count_batch(", TRITON_OPS),
     Mutant("finalize-backward-forgets-shift-through-scale", "kernels/batch_norm_finalize.py",
            "- grad_shift * mean\n", "\n", TRITON_OPS),
     # The block plan (fused_resnet/fused_blocks.py).
