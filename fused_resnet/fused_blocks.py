@@ -26,7 +26,6 @@ Outputs are channels_last; an NCHW input gets an NCHW output, as PyTorch would g
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -58,16 +57,25 @@ class Kernels(NamedTuple):
     # for its other consumer as above), the BN's finalize done with the conv's statistics
     # merge; None: conv (or conv_sharing_input), then finalize.
     conv_bn_train: Optional[Callable] = None
+    # The end of a post-activation block whose last BN and shortcut BN qualify as above:
+    # (h, weight, stride, prologue (scale, shift), bn, x, shortcut: Projection or None,
+    # shortcut stride) -> relu(bn(conv(h)) + shortcut(x)), in a backward of its own;
+    # None: conv_bn_train and bn_add_relu.
+    residual_tail: Optional[Callable] = None
 
 
 def _count(t: Tensor) -> int:
     return t.numel() // t.shape[1]
 
 
-def _count_after(x: Tensor, weight: Tensor, stride: int) -> int:
-    """Values per channel of conv(x, weight, stride)'s output."""
-    return x.shape[0] * math.prod(output_size(size, weight.shape[-1], stride)
-                                  for size in x.shape[2:])
+def _merges_in_finalize(bn: BatchNormParams, x: Tensor, weight: Tensor, stride: int) -> bool:
+    """Whether ``bn``, fed by conv(x, weight, stride), is one ``Kernels.conv_bn_train``
+    takes: training, not synchronized, more than one value per channel (a batch of one
+    value takes the reference's path, which raises PyTorch's error)."""
+    n, _, h, w = x.shape
+    kernel = weight.shape[-1]
+    count = n * output_size(h, kernel, stride) * output_size(w, kernel, stride)
+    return bn.training and bn.process_group is None and count > 1
 
 
 def _in_input_format(out: Tensor, x: Tensor) -> Tensor:
@@ -105,8 +113,8 @@ class FusedBlocks:
         consumer: with ``share_input``, where the kernels can, a view of x whose gradient
         this conv's dgrad adds to its own (``Kernels.conv_sharing_input``)."""
         in_scale, in_shift = prologue or (None, None)
-        if (self.kernels.conv_bn_train is not None and bn.training
-                and bn.process_group is None and _count_after(x, weight, stride) > 1):
+        if self.kernels.conv_bn_train is not None and _merges_in_finalize(bn, x, weight,
+                                                                          stride):
             return self.kernels.conv_bn_train(x, weight, stride, in_scale, in_shift, bn,
                                               share_input)
         arguments = (x, weight, stride, in_scale, in_shift, None, None, None, False,
@@ -141,8 +149,18 @@ class FusedBlocks:
         (weight, bn, layer_stride), *rest = layers
         h, scale_shift, x_shortcut = self._conv_feeding_bn(x, weight, bn, layer_stride,
                                                            share_input=True)
-        for weight, bn, layer_stride in rest:
+        *middle, (last_weight, last_bn, last_stride) = rest
+        for weight, bn, layer_stride in middle:
             h, scale_shift, _ = self._conv_feeding_bn(h, weight, bn, layer_stride, scale_shift)
+        if self.kernels.residual_tail is not None and _merges_in_finalize(
+                last_bn, h, last_weight, last_stride) and (
+                    shortcut is None or _merges_in_finalize(shortcut.bn, x, shortcut.weight,
+                                                            stride)):
+            out = self.kernels.residual_tail(h, last_weight, last_stride, scale_shift, last_bn,
+                                             x_shortcut, shortcut, stride)
+            return _in_input_format(out, x)
+        h, scale_shift, _ = self._conv_feeding_bn(h, last_weight, last_bn, last_stride,
+                                                  scale_shift)
         if shortcut is None:
             residual, residual_scale_shift = x_shortcut, (None, None)
         else:

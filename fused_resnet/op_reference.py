@@ -75,37 +75,47 @@ def affine_relu_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor],
 
 
 def statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean: Tensor,
-                        grad_var: Tensor) -> Tensor:
+                        grad_var: Tensor, grad_scale: Optional[Tensor] = None) -> Tensor:
     """The gradient of ``y`` when its per-channel (mean, biased variance) over the count
     of values per channel also reach the loss with gradients ``grad_mean``, ``grad_var``:
-    ``grad + (grad_mean + 2 grad_var (y - mean)) / count``, fp32 math, channels_last in
-    y's dtype."""
+    ``grad [* grad_scale] + (grad_mean + 2 grad_var (y - mean)) / count``, fp32 math,
+    channels_last in y's dtype."""
     acc = _accumulation_dtype(y)
     count = y.numel() // y.shape[1]
     centred = y.to(acc) - mean.to(acc).reshape(1, -1, 1, 1)
     statistics_term = (grad_mean.to(acc).reshape(1, -1, 1, 1)
                        + 2 * grad_var.to(acc).reshape(1, -1, 1, 1) * centred)
-    return _channels_last((grad.to(acc) + statistics_term / count).to(y.dtype))
+    grad = grad.to(acc)
+    if grad_scale is not None:
+        grad = grad * grad_scale.to(acc).reshape(1, -1, 1, 1)
+    return _channels_last((grad + statistics_term / count).to(y.dtype))
 
 
 def _output_gradient(grad: Tensor, statistics: tuple) -> Tensor:
     """The gradient of a conv's raw output: ``grad``, plus the term through its batch
-    statistics where ``statistics`` = (y, mean, grad_mean, grad_var) is given."""
-    return statistics_backward(grad, *statistics) if statistics[0] is not None else grad
+    statistics where ``statistics`` = (y, mean, grad_mean, grad_var, grad_scale) is
+    given."""
+    if statistics[0] is None:
+        if statistics[-1] is not None:
+            raise ValueError("grad_scale: only supported with the statistics arguments")
+        return grad
+    return statistics_backward(grad, *statistics)
 
 
 def conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
                in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
                grad_mean: Optional[Tensor] = None, grad_var: Optional[Tensor] = None,
+               grad_scale: Optional[Tensor] = None,
                other: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of :func:`fused_conv`'s ``x`` (through the prologue) from the gradient of
     its raw conv output: (grad_x, grad_in_scale, grad_in_shift), the last two empty without
     a prologue. With ``y`` (that output, whose per-channel mean and biased var reached the
-    loss with gradients ``grad_mean``, ``grad_var``), ``grad`` is dL/dy without that path:
-    its :func:`statistics_backward` term is added first. With ``other`` (a gradient x gets
-    from another consumer), grad_x is the sum of both."""
-    grad = _output_gradient(grad, (y, mean, grad_mean, grad_var))
+    loss with gradients ``grad_mean``, ``grad_var``), ``grad`` is dL/dy without that path
+    (divided by ``grad_scale`` per channel, if given: the gradient a BN-apply's backward
+    leaves before its scale): its :func:`statistics_backward` term is added first. With
+    ``other`` (a gradient x gets from another consumer), grad_x is the sum of both."""
+    grad = _output_gradient(grad, (y, mean, grad_mean, grad_var, grad_scale))
     grad_input = torch.nn.grad.conv2d_input(x.shape, weight, grad, stride=stride,
                                             padding=_padding(weight))
     if in_scale is None:
@@ -123,10 +133,11 @@ def conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride: int,
                in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
                grad_mean: Optional[Tensor] = None,
-               grad_var: Optional[Tensor] = None) -> Tensor:
+               grad_var: Optional[Tensor] = None,
+               grad_scale: Optional[Tensor] = None) -> Tensor:
     """Gradient of :func:`fused_conv`'s ``weight``, in its dtype and memory layout;
-    ``y`` .. ``grad_var`` as in :func:`conv_dgrad`."""
-    grad = _output_gradient(grad, (y, mean, grad_mean, grad_var))
+    ``y`` .. ``grad_scale`` as in :func:`conv_dgrad`."""
+    grad = _output_gradient(grad, (y, mean, grad_mean, grad_var, grad_scale))
     grad_weight = torch.nn.grad.conv2d_weight(_prologue(x, in_scale, in_shift), weight.shape,
                                               grad, stride=stride, padding=_padding(weight))
     return torch.empty_like(weight).copy_(grad_weight)

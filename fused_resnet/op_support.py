@@ -139,12 +139,14 @@ def conv_backward(dgrad: Callable, wgrad: Callable,
     mean, grad_mean, grad_var) after their usual arguments and add the gradient through
     the batch statistics of the conv output y themselves; else it is added here (a chain
     of fp32 aten ops). ``other``: a gradient of x from another consumer, which dgrad adds
-    to its result (its ``other`` argument). ``needs_input_grad``: which of the op's inputs
-    need a gradient, where a Function running the op has inputs of its own (default:
-    ``ctx.needs_input_grad``)."""
-    def backward(ctx, grad_y, grad_mean, grad_var, other=None, needs_input_grad=None):
+    to its result (its ``other`` argument). For a Function running the op with inputs
+    and saved tensors of its own: ``needs_input_grad``, which of the op's inputs need a
+    gradient, and ``saved``, its ``ctx.saved_tensors`` (which may be unpacked only once)."""
+    def backward(ctx, grad_y, grad_mean, grad_var, other=None, needs_input_grad=None,
+                 saved=None):
         needs = needs_input_grad or ctx.needs_input_grad
-        x, weight, in_scale, in_shift, out_scale, y, mean = ctx.saved_tensors[:CONV_SAVED]
+        saved = ctx.saved_tensors if saved is None else saved
+        x, weight, in_scale, in_shift, out_scale, y, mean = saved[:CONV_SAVED]
         if needs[5] or needs[6]:
             raise RuntimeError("fused conv: gradients of out_scale/out_shift are not "
                                "implemented; fold BatchNorm into the epilogue only when no "

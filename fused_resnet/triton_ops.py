@@ -34,12 +34,12 @@ from torch.library import custom_op, triton_op
 
 from fused_resnet import op_support
 from fused_resnet.fused_blocks import Kernels
-from fused_resnet.reference import BatchNormParams, Finalize
-from fused_resnet.kernels import batch_norm_finalize, conv_backward, conv_forward, elementwise
+from fused_resnet.reference import BatchNormParams, Finalize, Projection
+from fused_resnet.kernels import (batch_norm_finalize, conv_backward, conv_forward,
+                                  elementwise, tuning)
 from fused_resnet.kernels import statistics as statistics_kernels
-from fused_resnet.kernels.tuning import INTERPRETED
 
-_define_op = custom_op if INTERPRETED else triton_op
+_define_op = custom_op if tuning.INTERPRETED else triton_op
 
 # Each op's Python implementation by op name (without the namespace): the traffic
 # counter (fused_resnet.bench.traffic) runs it on meta tensors with the kernel launches
@@ -90,11 +90,16 @@ triton_conv.register_fake(op_support.conv_fake)
 
 
 def _statistics_arguments(y: Optional[Tensor], mean: Optional[Tensor],
-                          grad_mean: Optional[Tensor], grad_var: Optional[Tensor]):
-    """(y, mean, grad_mean, grad_var) as the backward kernels read them, or None."""
+                          grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+                          grad_scale: Optional[Tensor]):
+    """(y, mean, grad_mean, grad_var, grad_scale) as the backward kernels read them, or
+    None."""
     if y is None:
+        if grad_scale is not None:
+            raise ValueError("grad_scale: only supported with the statistics arguments (y, "
+                             "mean, grad_mean, grad_var); got it without y")
         return None
-    return (_channels_last(y), *_dense(mean, grad_mean, grad_var))
+    return (_channels_last(y), *_dense(mean, grad_mean, grad_var, grad_scale))
 
 
 @_op("triton_conv_dgrad")
@@ -102,15 +107,16 @@ def triton_conv_dgrad(grad: Tensor, weight: Tensor, x: Tensor, stride: int,
                       in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                       y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
                       grad_mean: Optional[Tensor] = None, grad_var: Optional[Tensor] = None,
+                      grad_scale: Optional[Tensor] = None,
                       other: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_in_scale, grad_in_shift); the last two empty without a prologue.
     With ``y`` (the forward's output, whose batch statistics ``mean`` and var reached the
-    loss with gradients ``grad_mean``, ``grad_var``), ``grad`` is dL/dy without them; with
-    ``other``, grad_x includes that other gradient of x: see
-    :func:`op_reference.conv_dgrad`."""
+    loss with gradients ``grad_mean``, ``grad_var``), ``grad`` is dL/dy without them,
+    divided by ``grad_scale`` per channel if given; with ``other``, grad_x includes that
+    other gradient of x: see :func:`op_reference.conv_dgrad`."""
     grad_x, grad_scale, grad_shift = conv_backward.conv_dgrad(
         _channels_last(grad), weight, x, stride, in_scale, in_shift,
-        _statistics_arguments(y, mean, grad_mean, grad_var),
+        _statistics_arguments(y, mean, grad_mean, grad_var, grad_scale),
         None if other is None else _channels_last(other))
     if grad_scale is None:
         return grad_x, _empty_like_channel(x), _empty_like_channel(x)
@@ -125,12 +131,13 @@ def triton_conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride: int,
                       in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                       y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
                       grad_mean: Optional[Tensor] = None,
-                      grad_var: Optional[Tensor] = None) -> Tensor:
-    """dL/dW in the dtype and memory layout of ``weight``; ``y`` .. ``grad_var`` as in
+                      grad_var: Optional[Tensor] = None,
+                      grad_scale: Optional[Tensor] = None) -> Tensor:
+    """dL/dW in the dtype and memory layout of ``weight``; ``y`` .. ``grad_scale`` as in
     :func:`triton_conv_dgrad`."""
-    return conv_backward.conv_wgrad(_channels_last(grad), x, weight, stride, in_scale,
-                                    in_shift, _statistics_arguments(y, mean, grad_mean,
-                                                                    grad_var))
+    return conv_backward.conv_wgrad(
+        _channels_last(grad), x, weight, stride, in_scale, in_shift,
+        _statistics_arguments(y, mean, grad_mean, grad_var, grad_scale))
 
 
 triton_conv_wgrad.register_fake(op_support.conv_wgrad_fake)
@@ -161,10 +168,11 @@ def _triton_bn_add_relu_fake(a, a_scale, a_shift, residual, r_scale, r_shift, re
 def triton_bn_add_relu_backward(grad: Tensor, y: Tensor, a: Tensor, a_scale: Tensor,
                                 residual: Optional[Tensor], r_scale: Optional[Tensor],
                                 relu: bool) -> list[Tensor]:
-    """[grad_a, grad_a_scale, grad_a_shift, grad_r, grad_r_scale, grad_r_shift]; the
-    residual's entries are empty where there is no residual (or no residual affine)."""
+    """[grad_a, grad_a_scale, grad_a_shift, grad_r, grad_r_scale]; the residual's entries
+    are empty where there is no residual (or no residual affine). grad_r_shift equals
+    grad_a_shift (an op may not return one tensor twice)."""
     grads = elementwise.bn_add_relu_backward(
-        _channels_last(grad), y, _channels_last(a), a_scale,
+        _channels_last(grad), _channels_last(y), _channels_last(a), a_scale,
         None if residual is None else _channels_last(residual), r_scale, relu)
     return [_empty_like_channel(a) if g is None else g for g in grads]
 
@@ -180,9 +188,8 @@ def _triton_bn_add_relu_backward_fake(grad, y, a, a_scale, residual, r_scale, re
         return (a.new_empty(0, dtype=torch.float32) if t is None
                 else torch.empty_like(t, memory_format=_CHANNELS_LAST))
 
-    affine = r_scale is not None
     return [like(a), per_channel(True), per_channel(True), like(residual),
-            per_channel(affine), per_channel(affine)]
+            per_channel(r_scale is not None)]
 
 
 def _bn_add_relu_setup_context(ctx, inputs, output):
@@ -194,14 +201,35 @@ def _bn_add_relu_setup_context(ctx, inputs, output):
 
 def _bn_add_relu_backward(ctx, grad_y):
     a, a_scale, residual, r_scale, y = ctx.saved_tensors
-    grads = triton_bn_add_relu_backward(grad_y, y, a, a_scale, residual, r_scale, ctx.relu)
-    grads[3] = grads[3] if ctx.has_residual else None
-    grads[4:] = grads[4:] if ctx.residual_affine else [None, None]
-    return (*grads, None)
+    grad_a, grad_a_scale, grad_a_shift, grad_r, grad_r_scale = triton_bn_add_relu_backward(
+        grad_y, y, a, a_scale, residual, r_scale, ctx.relu)
+    affine = ctx.residual_affine
+    return (grad_a, grad_a_scale, grad_a_shift, grad_r if ctx.has_residual else None,
+            grad_r_scale if affine else None, grad_a_shift if affine else None, None)
 
 
 triton_bn_add_relu.register_autograd(_bn_add_relu_backward,
                                      setup_context=_bn_add_relu_setup_context)
+
+
+@_op("triton_masked_gradient")
+def triton_masked_gradient(grad: Tensor, y: Tensor, a: Tensor, projection: Optional[Tensor],
+                           relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of :func:`triton_bn_add_relu` (output ``y``) before its scales: (g' =
+    grad * (y > 0), per-tile sums [3, tiles, C] of g', g' * a and g' * projection, the
+    tile count), see ``elementwise.masked_gradient``."""
+    return elementwise.masked_gradient(
+        _channels_last(grad), _channels_last(y), _channels_last(a),
+        None if projection is None else _channels_last(projection), relu)
+
+
+@triton_masked_gradient.register_fake
+def _triton_masked_gradient_fake(grad, y, a, projection, relu):
+    rows, channels = a.numel() // a.shape[1], a.shape[1]
+    tiles = tuning.max_tiles(elementwise.bn_add_relu_backward_kernel, rows)
+    return (torch.empty_like(a, memory_format=_CHANNELS_LAST),
+            a.new_empty((3, tiles, channels), dtype=torch.float32),
+            a.new_empty(1, dtype=torch.int32))
 
 
 # --- batch statistics of a block input -------------------------------------------------
@@ -275,6 +303,25 @@ def _check_running_contiguous(op: str, *running: Optional[Tensor]) -> None:
     if not all(t.is_contiguous() for t in running if t is not None):
         raise ValueError(f"{op}: running_mean, running_var and num_batches_tracked must be "
                          "contiguous (they are updated in place)")
+
+
+@_op("triton_bn_scale_shift_backward_from_tiles")
+def triton_bn_scale_shift_backward_from_tiles(sums: Tensor, tiles: Tensor, scale_kind: int,
+                                              mean: Tensor, var: Tensor,
+                                              weight: Optional[Tensor], bias: Optional[Tensor],
+                                              eps: float) -> list[Tensor]:
+    """:func:`triton_bn_scale_shift_backward` with the scale and shift gradients given as
+    per-tile sums (:func:`triton_masked_gradient`'s: row 0 for the shift, ``scale_kind``
+    for the scale), summed in the same launch."""
+    grads = batch_norm_finalize.bn_scale_shift_backward_from_tiles(
+        sums, tiles, scale_kind, *_dense(mean, var, weight, bias), eps)
+    return [_empty_like_channel(mean) if g is None else g for g in grads]
+
+
+@triton_bn_scale_shift_backward_from_tiles.register_fake
+def _triton_bn_scale_shift_backward_from_tiles_fake(sums, tiles, scale_kind, mean, var,
+                                                    weight, bias, eps):
+    return _triton_bn_scale_shift_backward_fake(None, None, mean, var, weight, bias, eps)
 
 
 @_op("triton_bn_train_finalize", mutates_args=_RUNNING)
@@ -366,21 +413,122 @@ class _ConvBatchNormTraining(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_scale, grad_shift, grad_shared=None):
-        mean, var, bn_weight, bn_bias = ctx.saved_tensors[op_support.CONV_SAVED - 1:]
+        saved = ctx.saved_tensors
+        mean, var, bn_weight, bn_bias = saved[op_support.CONV_SAVED - 1:]
         grad_mean, grad_var, grad_bn_weight, grad_bn_bias = _scale_shift_gradients(
             grad_scale, grad_shift, mean, var, bn_weight, bn_bias, ctx.eps)
         conv_grads = _conv_backward(ctx, grad_y, grad_mean, grad_var, grad_shared,
-                                    needs_input_grad=ctx.needs_input_grad[:5] + (False,) * 5)
+                                    needs_input_grad=ctx.needs_input_grad[:5] + (False,) * 5,
+                                    saved=saved)
         return (*conv_grads[:5], grad_bn_weight, grad_bn_bias) + (None,) * 6
+
+
+def _bn_arguments(bn: BatchNormParams) -> tuple:
+    """A training BN's arguments of :func:`triton_conv_bn_train`, after the conv's."""
+    return (bn.weight, bn.bias, bn.eps, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked, bn.momentum)
 
 
 def _conv_bn_train(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tensor],
                    in_shift: Optional[Tensor], bn: BatchNormParams, share_input: bool):
     """``Kernels.conv_bn_train``: (y, (scale, shift), x for its other consumer)."""
     y, scale, shift, *shared = _ConvBatchNormTraining.apply(
-        x, weight, stride, in_scale, in_shift, bn.weight, bn.bias, bn.eps, bn.running_mean,
-        bn.running_var, bn.num_batches_tracked, bn.momentum, share_input)
+        x, weight, stride, in_scale, in_shift, *_bn_arguments(bn), share_input)
     return y, (scale, shift), (shared[0] if shared else x)
+
+
+# --- the end of a post-activation training block ------------------------------------------
+
+_BN_ARGUMENTS = 7  # len(_bn_arguments(bn))
+
+
+class _ResidualTail(torch.autograd.Function):
+    """``relu(bn(conv(h)) + shortcut(x))`` for training BNs, the shortcut x itself or
+    bn_p(conv_p(x)), from :func:`triton_conv_bn_train` and :func:`triton_bn_add_relu`,
+    with a backward that writes one full tensor where autograd over those ops writes two:
+    the masked output gradient g' = dL/dout * (out > 0) (:func:`triton_masked_gradient`),
+    which conv's and conv_p's dgrad and wgrad scale by their BN's scale as they load it
+    (their ``grad_scale``), and which is the identity shortcut's gradient itself. The
+    BNs' scale and shift gradients are summed from its per-tile sums by their finalize
+    backward (:func:`triton_bn_scale_shift_backward_from_tiles`), with no launch of
+    their own.
+
+    Inputs: h, weight, stride, in_scale, in_shift (the conv and its prologue), x,
+    projection weight (or None), its stride, then :func:`_bn_arguments` of the conv's BN
+    and of the projection's (if any)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, stride, in_scale, in_shift, x, proj_weight, proj_stride,
+                *bn_arguments):
+        bn, proj_bn = bn_arguments[:_BN_ARGUMENTS], bn_arguments[_BN_ARGUMENTS:]
+        a, mean, var, scale, shift = triton_conv_bn_train(h, weight, stride, in_scale,
+                                                          in_shift, *bn)
+        r, r_mean, r_var, r_scale, r_shift = x, None, None, None, None
+        if proj_weight is not None:
+            r, r_mean, r_var, r_scale, r_shift = triton_conv_bn_train(
+                x, proj_weight, proj_stride, None, None, *proj_bn)
+        out = triton_bn_add_relu(a, scale, shift, r, r_scale, r_shift, True)
+        ctx.strides, ctx.eps = (stride, proj_stride), (bn[2], proj_bn[2] if proj_bn else None)
+        ctx.save_for_backward(h, weight, in_scale, in_shift, a, mean, var, scale, bn[0], bn[1],
+                              x, proj_weight, r, r_mean, r_var, r_scale,
+                              *(proj_bn[:2] if proj_bn else (None, None)), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (h, weight, in_scale, in_shift, a, mean, var, scale, bn_weight, bn_bias, x,
+         proj_weight, r, r_mean, r_var, r_scale, proj_bn_weight, proj_bn_bias,
+         out) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        stride, proj_stride = ctx.strides
+        g, sums, tiles = triton_masked_gradient(grad_out, out, a,
+                                                None if proj_weight is None else r, True)
+        grad_mean, grad_var, grad_bn_weight, grad_bn_bias = _gradients_from_tiles(
+            sums, tiles, 1, mean, var, bn_weight, bn_bias, ctx.eps[0])
+        statistics = (a, mean, grad_mean, grad_var, scale)
+        grad_h = grad_in_scale = grad_in_shift = grad_weight = None
+        if needs[0] or needs[3] or needs[4]:
+            grad_h, grad_in_scale, grad_in_shift = triton_conv_dgrad(
+                g, weight, h, stride, in_scale, in_shift, *statistics)
+            if in_scale is None:
+                grad_in_scale = grad_in_shift = None
+        if needs[1]:
+            grad_weight = triton_conv_wgrad(g, h, weight, stride, in_scale, in_shift,
+                                            *statistics)
+        bn_grads = (grad_bn_weight, grad_bn_bias) + (None,) * (_BN_ARGUMENTS - 2)
+        if proj_weight is None:
+            return (grad_h, grad_weight, None, grad_in_scale, grad_in_shift, g, None, None,
+                    *bn_grads)
+        grad_mean, grad_var, grad_proj_bn_weight, grad_proj_bn_bias = _gradients_from_tiles(
+            sums, tiles, 2, r_mean, r_var, proj_bn_weight, proj_bn_bias, ctx.eps[1])
+        statistics = (r, r_mean, grad_mean, grad_var, r_scale)
+        grad_x = grad_proj_weight = None
+        if needs[5]:
+            grad_x = triton_conv_dgrad(g, proj_weight, x, proj_stride, None, None,
+                                       *statistics)[0]
+        if needs[6]:
+            grad_proj_weight = triton_conv_wgrad(g, x, proj_weight, proj_stride, None, None,
+                                                 *statistics)
+        return (grad_h, grad_weight, None, grad_in_scale, grad_in_shift, grad_x,
+                grad_proj_weight, None, *bn_grads, grad_proj_bn_weight, grad_proj_bn_bias,
+                *(None,) * (_BN_ARGUMENTS - 2))
+
+
+def _gradients_from_tiles(sums, tiles, scale_kind, mean, var, weight, bias, eps):
+    grads = triton_bn_scale_shift_backward_from_tiles(sums, tiles, scale_kind, mean, var,
+                                                      weight, bias, eps)
+    return (*grads[:2], None if weight is None else grads[2],
+            None if bias is None else grads[3])
+
+
+def _residual_tail(h: Tensor, weight: Tensor, stride: int, prologue: tuple[Tensor, Tensor],
+                   bn: BatchNormParams, x: Tensor, shortcut: Optional[Projection],
+                   shortcut_stride: int) -> Tensor:
+    """``Kernels.residual_tail``."""
+    proj = () if shortcut is None else _bn_arguments(shortcut.bn)
+    return _ResidualTail.apply(h, weight, stride, *prologue, x,
+                               None if shortcut is None else shortcut.weight, shortcut_stride,
+                               *_bn_arguments(bn), *proj)
 
 
 KERNELS = Kernels(conv=triton_conv, bn_add_relu=triton_bn_add_relu,
@@ -389,4 +537,4 @@ KERNELS = Kernels(conv=triton_conv, bn_add_relu=triton_bn_add_relu,
                                                                    _conv_backward),
                   finalize=Finalize(scale_shift=triton_bn_scale_shift,
                                     training=_TrainFinalize.apply),
-                  conv_bn_train=_conv_bn_train)
+                  conv_bn_train=_conv_bn_train, residual_tail=_residual_tail)

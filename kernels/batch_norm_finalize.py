@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import tuning
 from . import statistics
-from .statistics import merged_statistics
+from .statistics import merged_statistics, summed_tiles
 
 # Channels per program: ResNet-50's widest BN (2048 channels) takes two programs.
 _BLOCK = 1024
@@ -61,6 +61,28 @@ def bn_scale_shift_kernel(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, sh
 
 
 @triton.jit
+def _store_scale_shift_gradients(grad_scale, grad_shift, mean_ptr, var_ptr, weight_ptr,
+                                 grad_mean_ptr, grad_var_ptr, grad_weight_ptr, grad_bias_ptr,
+                                 channels, valid, eps, WEIGHT: tl.constexpr,
+                                 BIAS: tl.constexpr):
+    rstd = _inverse_std(_load(var_ptr, channels, valid, 1.0), eps)
+    weight = tl.full(channels.shape, 1.0, tl.float32)
+    if WEIGHT:
+        weight = _load(weight_ptr, channels, valid, 0.0)
+    mean = _load(mean_ptr, channels, valid, 0.0)
+    through_scale = grad_scale - grad_shift * mean
+    tl.store(grad_mean_ptr + channels, -grad_shift * weight * rstd, mask=valid)
+    tl.store(grad_var_ptr + channels, through_scale * weight * -0.5 * rstd * rstd * rstd,
+             mask=valid)
+    if WEIGHT:
+        tl.store(grad_weight_ptr + channels,
+                 (through_scale * rstd).to(grad_weight_ptr.dtype.element_ty), mask=valid)
+    if BIAS:
+        tl.store(grad_bias_ptr + channels, grad_shift.to(grad_bias_ptr.dtype.element_ty),
+                 mask=valid)
+
+
+@triton.jit
 def bn_scale_shift_backward_kernel(grad_scale_ptr, grad_shift_ptr, mean_ptr, var_ptr,
                                    weight_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr,
                                    grad_bias_ptr, C, eps, WEIGHT: tl.constexpr,
@@ -71,22 +93,32 @@ def bn_scale_shift_backward_kernel(grad_scale_ptr, grad_shift_ptr, mean_ptr, var
     dL/dmean = -dL/dshift * scale, dL/dvar = -g * weight * rstd^3 / 2,
     dL/dweight = g * rstd, dL/dbias = dL/dshift; [C] each, in the inputs' dtypes."""
     channels, valid = _channels(C, BLOCK)
-    rstd = _inverse_std(_load(var_ptr, channels, valid, 1.0), eps)
-    weight = tl.full([BLOCK], 1.0, tl.float32)
-    if WEIGHT:
-        weight = _load(weight_ptr, channels, valid, 0.0)
-    grad_shift = tl.load(grad_shift_ptr + channels, mask=valid, other=0.0)
-    mean = _load(mean_ptr, channels, valid, 0.0)
-    through_scale = tl.load(grad_scale_ptr + channels, mask=valid, other=0.0) - grad_shift * mean
-    tl.store(grad_mean_ptr + channels, -grad_shift * weight * rstd, mask=valid)
-    tl.store(grad_var_ptr + channels, through_scale * weight * -0.5 * rstd * rstd * rstd,
-             mask=valid)
-    if WEIGHT:
-        tl.store(grad_weight_ptr + channels,
-                 (through_scale * rstd).to(grad_weight_ptr.dtype.element_ty), mask=valid)
-    if BIAS:
-        tl.store(grad_bias_ptr + channels, grad_shift.to(grad_bias_ptr.dtype.element_ty),
-                 mask=valid)
+    _store_scale_shift_gradients(
+        tl.load(grad_scale_ptr + channels, mask=valid, other=0.0),
+        tl.load(grad_shift_ptr + channels, mask=valid, other=0.0), mean_ptr, var_ptr,
+        weight_ptr, grad_mean_ptr, grad_var_ptr, grad_weight_ptr, grad_bias_ptr, channels,
+        valid, eps, WEIGHT, BIAS)
+
+
+@triton.jit
+def bn_scale_shift_backward_from_tiles_kernel(
+        sums_ptr, tiles_ptr, mean_ptr, var_ptr, weight_ptr, grad_mean_ptr, grad_var_ptr,
+        grad_weight_ptr, grad_bias_ptr, MAX_TILES, C, eps, SCALE_KIND: tl.constexpr,
+        WEIGHT: tl.constexpr, BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr):
+    """:func:`bn_scale_shift_backward_kernel` with dL/dshift and dL/dscale summed here from
+    per-tile sums ``sums`` [kinds, MAX_TILES, C] (row 0: dL/dshift's, row SCALE_KIND:
+    dL/dscale's; ``tiles`` rows written), so that no launch of its own sums them first.
+    BLOCK_C channels per program."""
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid = channels < C
+    tiles = tl.load(tiles_ptr)
+    grad_shift = summed_tiles(sums_ptr, tiles, channels, valid, C, BLOCK_T)
+    grad_scale = summed_tiles(sums_ptr + SCALE_KIND * MAX_TILES * C, tiles, channels, valid,
+                              C, BLOCK_T)
+    _store_scale_shift_gradients(grad_scale, grad_shift, mean_ptr, var_ptr, weight_ptr,
+                                 grad_mean_ptr, grad_var_ptr, grad_weight_ptr, grad_bias_ptr,
+                                 channels, valid, eps, WEIGHT, BIAS)
 
 
 @triton.jit
@@ -186,19 +218,39 @@ def bn_scale_shift(mean, var, weight, bias, eps):
     return scale, shift
 
 
-def bn_scale_shift_backward(grad_scale, grad_shift, mean, var, weight, bias, eps):
-    """Launch :func:`bn_scale_shift_backward_kernel`: (grad_mean, grad_var, grad_weight,
-    grad_bias), the last two None without weight or bias."""
+def _scale_shift_gradient_buffers(mean, weight, bias):
+    """(grad_mean, grad_var, grad_weight, grad_bias) outputs, and the pointers the kernels
+    take for them (``grad_mean`` stands in for the absent ones)."""
     grad_mean, grad_var = torch.empty_like(mean), torch.empty_like(mean)
     grad_weight = None if weight is None else torch.empty_like(weight)
     grad_bias = None if bias is None else torch.empty_like(bias)
+    outputs = (grad_mean, grad_var, grad_weight, grad_bias)
+    return outputs, [grad_mean if t is None else t for t in outputs]
+
+
+def bn_scale_shift_backward(grad_scale, grad_shift, mean, var, weight, bias, eps):
+    """Launch :func:`bn_scale_shift_backward_kernel`: (grad_mean, grad_var, grad_weight,
+    grad_bias), the last two None without weight or bias."""
+    outputs, pointers = _scale_shift_gradient_buffers(mean, weight, bias)
     c = mean.numel()
     tuning.launcher(bn_scale_shift_backward_kernel)[_grid(c)](
-        grad_scale, grad_shift, mean, var, mean if weight is None else weight, grad_mean,
-        grad_var, grad_mean if grad_weight is None else grad_weight,
-        grad_mean if grad_bias is None else grad_bias, c, eps, WEIGHT=weight is not None,
-        BIAS=bias is not None, BLOCK=_BLOCK)
-    return grad_mean, grad_var, grad_weight, grad_bias
+        grad_scale, grad_shift, mean, var, mean if weight is None else weight, *pointers, c,
+        eps, WEIGHT=weight is not None, BIAS=bias is not None, BLOCK=_BLOCK)
+    return outputs
+
+
+def bn_scale_shift_backward_from_tiles(sums, tiles, scale_kind, mean, var, weight, bias, eps):
+    """Launch :func:`bn_scale_shift_backward_from_tiles_kernel` on per-tile sums
+    (``statistics.sum_buffers``: row 0 of dL/dshift, row ``scale_kind`` of dL/dscale):
+    as :func:`bn_scale_shift_backward`."""
+    outputs, pointers = _scale_shift_gradient_buffers(mean, weight, bias)
+    kinds, max_tiles, c = sums.shape
+    tuning.launcher(bn_scale_shift_backward_from_tiles_kernel)[
+        (triton.cdiv(c, statistics.MERGE_CHANNELS),)](
+        sums, tiles, mean, var, mean if weight is None else weight, *pointers, max_tiles, c,
+        eps, SCALE_KIND=scale_kind, WEIGHT=weight is not None, BIAS=bias is not None,
+        BLOCK_T=statistics.MERGE_TILES, BLOCK_C=statistics.MERGE_CHANNELS)
+    return outputs
 
 
 def _training_arguments(weight, bias, running_mean, running_var, num_batches_tracked,

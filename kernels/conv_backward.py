@@ -18,16 +18,16 @@ _WGRAD_PIXELS_PER_SPLIT = 8192
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE", "PROLOGUE",
-                                         "STATISTICS", "ADD_OTHER"])
+                                         "STATISTICS", "SCALED_GRAD", "ADD_OTHER"])
 @triton.jit
 def conv_dgrad_kernel(
         g_ptr, w_ptr, x_ptr, in_scale_ptr, in_shift_ptr, grad_x_ptr, sum_ptr, sum_x_ptr,
-        tiles_ptr, y_ptr, mean_ptr, grad_mean_ptr, grad_var_ptr, other_ptr,
+        tiles_ptr, y_ptr, mean_ptr, grad_mean_ptr, grad_var_ptr, grad_scale_ptr, other_ptr,
         M, M_CLASS, H, W, C_in, Ho, Wo, C_out,
         sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, sw_h, sw_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        PROLOGUE: tl.constexpr, STATISTICS: tl.constexpr, ADD_OTHER: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+        PROLOGUE: tl.constexpr, STATISTICS: tl.constexpr, SCALED_GRAD: tl.constexpr,
+        ADD_OTHER: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M input pixels, BLOCK_N input channels] tile of the input gradient.
 
@@ -48,6 +48,9 @@ def conv_dgrad_kernel(
     With ``STATISTICS`` (the forward's output ``y`` also gave its batch statistics) ``g``
     is dL/dy without them, and the gradient through (mean, var) of ``y`` is added while
     loading g (:func:`with_statistics_term`; ``y`` channels_last-contiguous like ``g``).
+    With ``SCALED_GRAD`` as well, ``g`` is that gradient divided by ``grad_scale`` per
+    channel (y fed a BN-apply whose backward wrote its gradient before the scale), and
+    the scale is applied while loading too.
 
     With ``ADD_OTHER`` the epilogue adds ``other`` (channels_last-contiguous like
     ``grad_x``): the gradient x gets from its other consumer (a block's shortcut), which
@@ -90,6 +93,9 @@ def conv_dgrad_kernel(
         g_mask = valid[:, None] & k_valid[None, :]
         g = tl.load(g_ptr + g_offsets, mask=g_mask, other=0.0)
         if STATISTICS:
+            if SCALED_GRAD:
+                g = g.to(tl.float32) * tl.load(grad_scale_ptr + k, mask=k_valid,
+                                               other=0.0)[None, :]
             g = with_statistics_term(
                 g, tl.load(y_ptr + g_offsets, mask=g_mask, other=0.0),
                 tl.load(mean_ptr + k, mask=k_valid, other=0.0)[None, :],
@@ -124,24 +130,24 @@ def conv_dgrad_kernel(
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE", "PROLOGUE",
-                                         "STATISTICS"])
+                                         "STATISTICS", "SCALED_GRAD"])
 @triton.jit
 def conv_wgrad_kernel(
         g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, dw_ptr, y_ptr, mean_ptr, grad_mean_ptr,
-        grad_var_ptr,
+        grad_var_ptr, grad_scale_ptr,
         M, H, W, C_in, Ho, Wo, C_out, pixels_per_split,
         sx_n, sx_c, sx_h, sx_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        PROLOGUE: tl.constexpr, STATISTICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        PROLOGUE: tl.constexpr, STATISTICS: tl.constexpr, SCALED_GRAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M out channels, BLOCK_N in channels] tile of one tap of one split of dW.
 
     Layout: ``g`` channels_last-contiguous [M = N*Ho*Wo, C_out]; ``x`` (N, C_in, H, W) any
     strides; ``dw`` fp32 [splits, C_out, KH*KW, C_in], summed over splits by the caller.
     The reduction runs over this split's output pixels. With ``PROLOGUE`` the activation
     relu(x * scale + shift) is recomputed from ``x`` while loading, with zero padding
-    applied after it, exactly as the forward saw it. ``STATISTICS`` as in
-    :func:`conv_dgrad_kernel`.
+    applied after it, exactly as the forward saw it. ``STATISTICS`` and ``SCALED_GRAD`` as
+    in :func:`conv_dgrad_kernel`.
     """
     out_channels, in_channels, out_valid, in_valid = tile_indices(C_out, C_in, BLOCK_M, BLOCK_N)
     tap = tl.program_id(2) % (KH * KW)
@@ -155,6 +161,9 @@ def conv_wgrad_kernel(
         mean = tl.load(mean_ptr + out_channels, mask=out_valid, other=0.0)[:, None]
         grad_mean = tl.load(grad_mean_ptr + out_channels, mask=out_valid, other=0.0)[:, None]
         grad_var = tl.load(grad_var_ptr + out_channels, mask=out_valid, other=0.0)[:, None]
+        if SCALED_GRAD:
+            grad_scale = tl.load(grad_scale_ptr + out_channels, mask=out_valid,
+                                 other=0.0)[:, None]
     start = split * pixels_per_split
     end = tl.minimum(start + pixels_per_split, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -169,6 +178,8 @@ def conv_wgrad_kernel(
         g_mask = out_valid[:, None] & pixel_valid[None, :]
         g = tl.load(g_ptr + g_offsets, mask=g_mask, other=0.0)
         if STATISTICS:
+            if SCALED_GRAD:
+                g = g.to(tl.float32) * grad_scale
             # Masked lanes get a nonzero term, but meet a = 0 (pixels past the split) or
             # are never stored (channels past C_out): no mask needed.
             g = with_statistics_term(g, tl.load(y_ptr + g_offsets, mask=g_mask, other=0.0),
@@ -185,14 +196,26 @@ def conv_wgrad_kernel(
     tl.store(dw_ptr + offsets, acc, mask=out_valid[:, None] & in_valid[None, :])
 
 
+def _statistics_pointers(statistics, stand_in):
+    """(y, mean, grad_mean, grad_var, grad_scale) as kernel arguments, ``stand_in`` for
+    those absent (never read: constexpr flags)."""
+    return [stand_in if t is None else t for t in (statistics or (None,) * 5)]
+
+
+def _statistics_flags(statistics):
+    return dict(STATISTICS=statistics is not None,
+                SCALED_GRAD=statistics is not None and statistics[4] is not None)
+
+
 def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None, statistics=None,
                other=None):
     """dL/dx of ``fused_conv_forward``, channels_last; with a prologue also the gradients
     of ``in_scale`` and ``in_shift``. ``grad`` must be channels_last-contiguous.
 
-    ``statistics``: None, or (y, mean, grad_mean, grad_var) when the forward's output ``y``
-    (channels_last-contiguous) also gave its batch statistics: ``grad`` is then dL/dy
-    without them and their term is added as g is loaded (no pass of its own).
+    ``statistics``: None, or (y, mean, grad_mean, grad_var, grad_scale) when the forward's
+    output ``y`` (channels_last-contiguous) also gave its batch statistics: ``grad`` is
+    then dL/dy without them (divided by ``grad_scale`` per channel unless it is None) and
+    their term is added as g is loaded (no pass of its own).
     ``other``: None, or a gradient of x (channels_last-contiguous) added to the result."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
@@ -212,11 +235,11 @@ def conv_dgrad(grad, weight, x, stride, in_scale=None, in_shift=None, statistics
     tuning.launcher(conv_dgrad_kernel)[grouped_grid(pixels_per_class, c_in, classes)](
         grad, weight, x if prologue else grad_x, in_scale if prologue else grad_x,
         in_shift if prologue else grad_x, grad_x, sums[0], sums[1], tiles,
-        *(statistics or (grad_x,) * 4), grad_x if other is None else other,
+        *_statistics_pointers(statistics, grad_x), grad_x if other is None else other,
         n * h * w, pixels_per_class, h, w, c_in, ho, wo, c_out, *x.stride(),
         *weight.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
-        STATISTICS=statistics is not None, ADD_OTHER=other is not None,
+        **_statistics_flags(statistics), ADD_OTHER=other is not None,
         DOT_PRECISION=dot_precision(x.dtype), GROUP_M=conv_forward._GROUP_M)
     if not prologue:
         return grad_x, None, None
@@ -263,10 +286,10 @@ def conv_wgrad(grad, x, weight, stride, in_scale=None, in_shift=None, statistics
                          splits * kh * kw)
     tuning.launcher(conv_wgrad_kernel)[grid](
         grad, x, in_scale if prologue else partial, in_shift if prologue else partial,
-        partial, *(statistics or (partial,) * 4), m, h, w, c_in, ho, wo, c_out,
+        partial, *_statistics_pointers(statistics, partial), m, h, w, c_in, ho, wo, c_out,
         triton.cdiv(m, splits), *x.stride(),
         KH=kh, KW=kw, STRIDE=stride, PAD=kh // 2, PROLOGUE=prologue,
-        STATISTICS=statistics is not None, DOT_PRECISION=dot_precision(x.dtype))
+        **_statistics_flags(statistics), DOT_PRECISION=dot_precision(x.dtype))
     grad_weight = torch.empty_like(weight)
     tuning.launcher(sum_splits_kernel)[(triton.cdiv(partial[0].numel(), _SUM_SPLITS_BLOCK),)](
         partial, grad_weight, splits, c_out, c_in, *grad_weight.stride(), KH=kh, KW=kw,

@@ -61,12 +61,14 @@ def bn_add_relu_backward_kernel(g_ptr, y_ptr, a_ptr, a_scale_ptr, r_ptr, r_scale
                                 grad_a_ptr, grad_r_ptr, sum_ptr, sum_a_ptr, sum_r_ptr,
                                 tiles_ptr, M, C,
                                 RESIDUAL: tl.constexpr, RESIDUAL_AFFINE: tl.constexpr,
-                                RELU: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_C: tl.constexpr):
+                                RELU: tl.constexpr, SCALED: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Backward of :func:`bn_add_relu_kernel` in one pass over g, y, a (and r).
 
-    Writes grad_a = g' * a_scale and grad_r = g' [* r_scale] with g' = g * (y > 0), and
-    per-tile sums of g', g' * a and g' * r: the gradients of the shifts and scales.
+    Writes per-tile sums of g', g' * a and g' * r with g' = g * (y > 0): the gradients
+    of the shifts and scales. With ``SCALED``, grad_a = g' * a_scale and grad_r = g'
+    [* r_scale]; without, g' alone (as grad_a), for consumers that apply the scales as
+    they load it (the backward of the block's last convs: one tensor written for both).
     """
     rows, channels, row_valid, channel_valid, offsets = _tile(M, C, BLOCK_M, BLOCK_C)
     mask = row_valid[:, None] & channel_valid[None, :]
@@ -79,16 +81,20 @@ def bn_add_relu_backward_kernel(g_ptr, y_ptr, a_ptr, a_scale_ptr, r_ptr, r_scale
     tl.store(sum_ptr + tile, tl.sum(g, axis=0), mask=channel_valid)
     tl.store(sum_a_ptr + tile, tl.sum(g * a, axis=0), mask=channel_valid)
     record_tile_count(tiles_ptr, tl.program_id(0), tl.num_programs(0))
-    tl.store(grad_a_ptr + offsets,
-             (g * _per_channel(a_scale_ptr, channels, channel_valid)).to(
-                 grad_a_ptr.dtype.element_ty), mask=mask)
-    if RESIDUAL:
-        grad_r = g
-        if RESIDUAL_AFFINE:
-            r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            tl.store(sum_r_ptr + tile, tl.sum(g * r, axis=0), mask=channel_valid)
-            grad_r = g * _per_channel(r_scale_ptr, channels, channel_valid)
-        tl.store(grad_r_ptr + offsets, grad_r.to(grad_r_ptr.dtype.element_ty), mask=mask)
+    if RESIDUAL_AFFINE:
+        r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(sum_r_ptr + tile, tl.sum(g * r, axis=0), mask=channel_valid)
+    if SCALED:
+        tl.store(grad_a_ptr + offsets,
+                 (g * _per_channel(a_scale_ptr, channels, channel_valid)).to(
+                     grad_a_ptr.dtype.element_ty), mask=mask)
+        if RESIDUAL:
+            grad_r = g
+            if RESIDUAL_AFFINE:
+                grad_r = g * _per_channel(r_scale_ptr, channels, channel_valid)
+            tl.store(grad_r_ptr + offsets, grad_r.to(grad_r_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(grad_a_ptr + offsets, g.to(grad_a_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "C"])
@@ -119,26 +125,48 @@ def bn_add_relu(a, a_scale, a_shift, residual=None, r_scale=None, r_shift=None, 
     return y
 
 
-def bn_add_relu_backward(grad, y, a, a_scale, residual=None, r_scale=None, relu=True):
-    """Gradients of :func:`bn_add_relu`: (grad_a, grad_a_scale, grad_a_shift, grad_residual,
-    grad_r_scale, grad_r_shift); the residual's are None where it has none."""
+def _launch_bn_add_relu_backward(grad, y, a, a_scale, residual, r_scale, affine, relu,
+                                 scaled):
+    """(grad_a, grad_r or None, per-tile sums [g', g' * a, g' * r] as rows of one buffer,
+    the tile count) of :func:`bn_add_relu_backward_kernel`; ``affine``: the residual had
+    a BN applied (r_scale, given when ``scaled``), whose scale's gradient is summed."""
     m, c, grid = _rows_and_grid(a)
-    # Per-tile sums [g', g' * a, g' * r] as rows of one buffer.
     sums, tiles = sum_buffers(3, tuning.max_tiles(bn_add_relu_backward_kernel, m), c,
-                               a.device)
+                              a.device)
     grad_a = torch.empty_like(a, memory_format=torch.channels_last)
-    grad_r = None if residual is None else torch.empty_like(residual,
-                                                            memory_format=torch.channels_last)
-    affine = r_scale is not None
+    grad_r = (None if residual is None or not scaled
+              else torch.empty_like(residual, memory_format=torch.channels_last))
     # The residual itself is read only for its scale's gradient: a stands in for it
     # otherwise, so that no launch is seen reading it.
     tuning.launcher(bn_add_relu_backward_kernel)[grid](
         grad, y, a, a_scale, residual if affine else a,
-        r_scale if affine else a_scale, grad_a, grad_a if grad_r is None else grad_r, *sums,
-        tiles, m, c, RESIDUAL=residual is not None, RESIDUAL_AFFINE=affine, RELU=relu)
+        a_scale if r_scale is None else r_scale, grad_a,
+        grad_a if grad_r is None else grad_r, *sums, tiles, m, c, RESIDUAL=residual is not None, RESIDUAL_AFFINE=affine, RELU=relu,
+        SCALED=scaled)
+    return grad_a, grad_r, sums, tiles
+
+
+def bn_add_relu_backward(grad, y, a, a_scale, residual=None, r_scale=None, relu=True):
+    """Gradients of :func:`bn_add_relu`: (grad_a, grad_a_scale, grad_a_shift, grad_residual,
+    grad_r_scale); the residual's are None where it has none (grad_r_shift is
+    grad_a_shift)."""
+    grad_a, grad_r, sums, tiles = _launch_bn_add_relu_backward(
+        grad, y, a, a_scale, residual, r_scale, r_scale is not None, relu, scaled=True)
     grad_shift, grad_scale, grad_r_scale = sum_tiles(sums, tiles)
     return (grad_a, grad_scale, grad_shift, grad_r,
-            grad_r_scale if affine else None, grad_shift.clone() if affine else None)
+            grad_r_scale if r_scale is not None else None)
+
+
+def masked_gradient(grad, y, a, projection=None, relu=True):
+    """g' = grad * (y > 0) (channels_last, a's dtype) of :func:`bn_add_relu`'s output y, and
+    per-tile sums [g', g' * a, g' * projection] (``statistics.sum_buffers``; the last only
+    with ``projection``, a residual that had a BN applied): what the gradients of its
+    inputs and per-channel vectors are made of, for consumers that apply the scales
+    themselves."""
+    # a stands in for the scales, which are not read without SCALED.
+    g, _, sums, tiles = _launch_bn_add_relu_backward(
+        grad, y, a, a, projection, None, projection is not None, relu, scaled=False)
+    return g, sums, tiles
 
 
 def channel_statistics(x):

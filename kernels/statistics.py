@@ -57,6 +57,19 @@ def with_statistics_term(g, y, mean, grad_mean, grad_var, count):
 
 
 @triton.jit
+def summed_tiles(partials_ptr, tiles, channels, channel_valid, C, BLOCK_T: tl.constexpr):
+    """The sum over the first ``tiles`` rows of [tiles, C] ``partials`` for ``channels``,
+    BLOCK_T rows at a time, in a fixed order."""
+    total = tl.zeros(channels.shape, tl.float32)
+    for first in range(0, tiles, BLOCK_T):
+        rows = first + tl.arange(0, BLOCK_T)
+        mask = (rows < tiles)[:, None] & channel_valid[None, :]
+        total += tl.sum(tl.load(partials_ptr + rows.to(tl.int64)[:, None] * C
+                                + channels[None, :], mask=mask, other=0.0), axis=0)
+    return total
+
+
+@triton.jit
 def sum_tiles_kernel(partials_ptr, tiles_ptr, sum0_ptr, sum1_ptr, sum2_ptr, MAX_TILES, C,
                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum<k>[c] = the sum over the first ``tiles`` rows of partials[k, :, c]
@@ -64,15 +77,9 @@ def sum_tiles_kernel(partials_ptr, tiles_ptr, sum0_ptr, sum1_ptr, sum2_ptr, MAX_
     an op may not return views of one tensor."""
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_valid = channels < C
-    base = partials_ptr + tl.program_id(1).to(tl.int64) * MAX_TILES * C
-    tiles = tl.load(tiles_ptr)
-    total = tl.zeros((BLOCK_C,), tl.float32)
-    for first in range(0, tiles, BLOCK_T):
-        rows = first + tl.arange(0, BLOCK_T)
-        mask = (rows < tiles)[:, None] & channel_valid[None, :]
-        total += tl.sum(tl.load(base + rows.to(tl.int64)[:, None] * C + channels[None, :],
-                                mask=mask, other=0.0), axis=0)
     kind = tl.program_id(1)
+    total = summed_tiles(partials_ptr + kind.to(tl.int64) * MAX_TILES * C, tl.load(tiles_ptr),
+                         channels, channel_valid, C, BLOCK_T)
     if kind == 0:
         tl.store(sum0_ptr + channels, total, mask=channel_valid)
     elif kind == 1:

@@ -158,12 +158,15 @@ def check_bn_add_relu(shape, residual_kind, memory_format, device):
         assert failures == [], f"{dtype}: {failures}"
 
 
-def check_backward_with_statistics(case, offset_of_mean, device, add_other=False):
+def check_backward_with_statistics(case, offset_of_mean, device, add_other=False,
+                                   scaled=False):
     """triton_conv_dgrad and triton_conv_wgrad adding the gradient through the batch
     statistics of the conv output y (as the blocks' training convs use them), with a
     prologue, against eager and fp64; ``offset_of_mean`` added to y (a large one checks
     that the term is centred on the mean before the product); with ``add_other`` dgrad
-    also adds another gradient of x (a block's shortcut's) to its result."""
+    also adds another gradient of x (a block's shortcut's) to its result; with ``scaled``
+    the output gradient is given before a per-channel scale (grad_scale), as a block's
+    residual tail gives it."""
     n, c_in, h, w, c_out, k, stride = case
     for dtype in dtypes(device):
         _, inputs = conv_inputs(case, torch.float64, device, "prologue_statistics")
@@ -171,7 +174,7 @@ def check_backward_with_statistics(case, offset_of_mean, device, add_other=False
         y = torch.randn(n, c_out, ho, wo, device=device, dtype=torch.float64) + offset_of_mean
         per_channel = [y.mean((0, 2, 3))] + [torch.randn(c_out, device=device,
                                                          dtype=torch.float64)
-                                             for _ in range(2)]
+                                             for _ in range(3 if scaled else 2)]
         tensors = {"grad": torch.randn_like(y), "x": inputs["x"], "weight": inputs["weight"],
                    "y": y, "other": torch.randn_like(inputs["x"])}
         results = {}

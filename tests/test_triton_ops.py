@@ -89,6 +89,13 @@ def test_dgrad_adds_the_other_gradient_of_its_input(device, poisoned_allocations
     check_backward_with_statistics(CONV_CASES[1], 0.0, device, add_other=True)
 
 
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2]], ids=str)
+def test_backward_ops_scale_the_gradient_per_channel(case, device, poisoned_allocations):
+    # What a post-activation block's last conv and projection do with the masked output
+    # gradient of the BN-add-ReLU (fused_resnet.triton_ops._ResidualTail).
+    check_backward_with_statistics(case, 0.0, device, scaled=True)
+
+
 def test_channel_stats_and_their_gradient(device):
     check_channel_statistics((3, 6, 5, 7), device)
 
@@ -158,6 +165,38 @@ def test_statistics_with_an_epilogue_are_refused(device):
     with pytest.raises(ValueError, match="statistics are of the raw conv output"):
         triton_conv(inputs["x"], inputs["weight"], 2, None, None, inputs["out_scale"],
                     inputs["out_shift"], None, False, True)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_masked_gradient_and_the_finalize_backward_from_its_tiles(projection, device,
+                                                                   monkeypatch,
+                                                                   poisoned_allocations):
+    """The residual tail's backward pieces: triton_masked_gradient's g' = grad * (y > 0)
+    exactly, and the BN finalize's backward summing g' and g' * a (or g' * projection)
+    from its per-tile sums, against the reference finalize's autograd in fp64 (sums over
+    several blocks of tiles and of channels)."""
+    cross_reduction_thresholds(monkeypatch)
+    shape, channels = (3, 37, 5, 7), 37
+    a, grad, r = (torch.randn(shape, device=device) for _ in range(3))
+    y = torch.randn(shape, device=device).relu()  # some outputs exactly 0
+    g, sums, tiles = triton_ops.triton_masked_gradient(grad, y, a, r if projection else None,
+                                                       True)
+    torch.testing.assert_close(g, grad.where(y > 0, 0.0), rtol=0, atol=0)
+    mean, var, weight, bias = (torch.randn(channels, device=device) for _ in range(4))
+    var = var.abs() + 0.1
+    scaled = r if projection else a
+    results = {}
+    for name, dtype in [("truth", torch.float64), ("eager", torch.float32)]:
+        tensors = [t.to(dtype, copy=True).requires_grad_() for t in (mean, var, weight, bias)]
+        scale, shift = reference.scale_shift_from_statistics(*tensors, 1e-5)
+        masked = grad.to(dtype).where(y > 0, 0.0)
+        ((scale * (masked * scaled.to(dtype)).sum((0, 2, 3))).sum()
+         + (shift * masked.sum((0, 2, 3))).sum()).backward()
+        results[name] = {f"grad {i}": t.grad for i, t in enumerate(tensors)}
+    fused = triton_ops.triton_bn_scale_shift_backward_from_tiles(
+        sums, tiles, 2 if projection else 1, mean, var, weight, bias, 1e-5)
+    results["fused"] = {f"grad {i}": t for i, t in enumerate(fused)}
+    assert errors_beyond_eager(results["fused"], results["eager"], results["truth"]) == []
 
 
 def _conv_then_normalization(x, weight, stride, in_scale, in_shift, bn, share_input):
