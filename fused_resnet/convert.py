@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 
 from torch import nn
 
-from fused_resnet import backends, structure
+from fused_resnet import backends, stem, structure
 from fused_resnet.blocks import FUSED_BLOCKS, FusedBlockMixin
 
 # Classes whose forward computes exactly the block function of their spec.
@@ -120,10 +120,35 @@ def _fused_from(block: nn.Module, spec: structure.BlockSpec, backend: str) -> nn
     return fused
 
 
+# Models whose forward applies bn1 + ReLU + maxpool as the BatchNormReLUMaxPool in bn1
+# does, when it is one (fused_resnet.models.ResNet).
+_STEM_MODELS = {"fused_resnet.models.ResNet"}
+
+
+def _fuse_stem(model: nn.Module, backend: str, use_count: dict[int, int]) -> None:
+    """Swap ``model.bn1`` for a :class:`stem.BatchNormReLUMaxPool` (or move the one there
+    to ``backend``) where the stem is the ImageNet one: a plain BN and a 3x3 stride-2
+    max-pool, unshared and without hooks."""
+    bn, pool = getattr(model, "bn1", None), getattr(model, "maxpool", None)
+    if isinstance(bn, stem.BatchNormReLUMaxPool):
+        bn.backend = backend
+        return
+    standard_pool = (type(pool) is nn.MaxPool2d and not pool.ceil_mode
+                     and not pool.return_indices and pool.dilation in (1, (1, 1))
+                     and all(v in (size, (size, size)) for v, size in zip(
+                         (pool.kernel_size, pool.stride, pool.padding), (3, 2, 1))))
+    if (type(bn) is nn.BatchNorm2d and standard_pool
+            and structure.hook_problem(bn) is None and structure.hook_problem(pool) is None
+            and use_count[id(bn)] == 1 and use_count[id(pool)] == 1):
+        model.bn1 = stem.fused_from(bn, backend)
+
+
 def _convert_tree(module: nn.Module, prefix: str, backend: str, use_count: dict[int, int],
                   report: ConversionReport) -> nn.Module:
     """``module`` with every fusable block below it (or itself) swapped, and every block
-    that was already fused moved to ``backend``."""
+    that was already fused moved to ``backend``; a stem of :data:`_STEM_MODELS` fused."""
+    if _qualified_name(module) in _STEM_MODELS:
+        _fuse_stem(module, backend, use_count)
     if isinstance(module, FusedBlockMixin):
         module.backend = backend
         report.swapped.append(SwappedBlock(prefix, _qualified_name(module),
@@ -211,4 +236,6 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         for child_name, child in list(module.named_children()):
             if isinstance(child, FusedBlockMixin):
                 setattr(module, child_name, _unfused(child))
+            elif isinstance(child, stem.BatchNormReLUMaxPool):
+                setattr(module, child_name, stem.plain_from(child))
     return model

@@ -13,6 +13,12 @@ signatures and semantics of :mod:`fused_resnet.reference`. The plan:
   backward (dgrad and wgrad recompute it from the raw tensor).
 * Post-activation blocks end in BN + shortcut + ReLU: one elementwise pass (which also
   applies the projection shortcut's BN).
+* Where the kernels have them (triton): a conv feeding a training BN hands its per-tile
+  statistics to the BN's finalize, which merges them (``Kernels.conv_bn_train``); a
+  post-activation block's tail (last conv + BN, projection + BN, BN + shortcut + ReLU)
+  has a backward of its own that writes the masked output gradient once for every
+  consumer (``Kernels.residual_tail``); and the ImageNet stem's BN + ReLU + max-pool is
+  one pass (``Kernels.bn_relu_maxpool``, for :class:`fused_resnet.stem.BatchNormReLUMaxPool`).
 * Inference (every BN on running statistics, no gradient needed): post-activation
   blocks fold each BN into its conv's epilogue, and the last conv adds the shortcut and
   applies the ReLU there, so no standalone BN or add kernel runs. Pre-activation blocks
@@ -62,19 +68,28 @@ class Kernels(NamedTuple):
     # shortcut stride) -> relu(bn(conv(h)) + shortcut(x)), in a backward of its own;
     # None: conv_bn_train and bn_add_relu.
     residual_tail: Optional[Callable] = None
+    # An ImageNet stem's BN + ReLU + 3x3 stride-2 max-pool: (x, bn) -> y for a training BN
+    # (as conv_bn_train takes) or, without a gradient, one on running statistics; None (or
+    # any other BN): PyTorch's own ops run it (stem.BatchNormReLUMaxPool).
+    bn_relu_maxpool: Optional[Callable] = None
 
 
 def _count(t: Tensor) -> int:
     return t.numel() // t.shape[1]
 
 
-def _merges_in_finalize(bn: BatchNormParams, x: Tensor, weight: Tensor, stride: int) -> bool:
-    """Whether ``bn``, fed by conv(x, weight, stride), is one ``Kernels.conv_bn_train``
-    takes: training, not synchronized, more than one value per channel (a batch of one
-    value takes the reference's path, which raises PyTorch's error)."""
+def _output_count(x: Tensor, weight: Tensor, stride: int) -> int:
+    """Values per channel of conv(x, weight, stride)."""
     n, _, h, w = x.shape
     kernel = weight.shape[-1]
-    count = n * output_size(h, kernel, stride) * output_size(w, kernel, stride)
+    return n * output_size(h, kernel, stride) * output_size(w, kernel, stride)
+
+
+def _merges_in_finalize(bn: BatchNormParams, count: int) -> bool:
+    """Whether ``bn``, over ``count`` values per channel, is one the fused training paths
+    (``Kernels.conv_bn_train`` and those after it) take: training, not synchronized, more
+    than one value per channel (a batch of one value takes the reference's path, which
+    raises PyTorch's error)."""
     return bn.training and bn.process_group is None and count > 1
 
 
@@ -89,7 +104,8 @@ def _needs_grad(x: Tensor, weights: Sequence[Tensor], bns: Sequence[BatchNormPar
 
 
 class FusedBlocks:
-    """The four block functions of :mod:`fused_resnet.reference` on ``kernels``."""
+    """The four block functions of :mod:`fused_resnet.reference` on ``kernels``, and its
+    stem function where the kernels have one."""
 
     def __init__(self, kernels: Kernels):
         self.kernels = kernels
@@ -113,8 +129,8 @@ class FusedBlocks:
         consumer: with ``share_input``, where the kernels can, a view of x whose gradient
         this conv's dgrad adds to its own (``Kernels.conv_sharing_input``)."""
         in_scale, in_shift = prologue or (None, None)
-        if self.kernels.conv_bn_train is not None and _merges_in_finalize(bn, x, weight,
-                                                                          stride):
+        if self.kernels.conv_bn_train is not None and _merges_in_finalize(
+                bn, _output_count(x, weight, stride)):
             return self.kernels.conv_bn_train(x, weight, stride, in_scale, in_shift, bn,
                                               share_input)
         arguments = (x, weight, stride, in_scale, in_shift, None, None, None, False,
@@ -153,9 +169,9 @@ class FusedBlocks:
         for weight, bn, layer_stride in middle:
             h, scale_shift, _ = self._conv_feeding_bn(h, weight, bn, layer_stride, scale_shift)
         if self.kernels.residual_tail is not None and _merges_in_finalize(
-                last_bn, h, last_weight, last_stride) and (
-                    shortcut is None or _merges_in_finalize(shortcut.bn, x, shortcut.weight,
-                                                            stride)):
+                last_bn, _output_count(h, last_weight, last_stride)) and (
+                    shortcut is None or _merges_in_finalize(
+                        shortcut.bn, _output_count(x, shortcut.weight, stride))):
             out = self.kernels.residual_tail(h, last_weight, last_stride, scale_shift, last_bn,
                                              x_shortcut, shortcut, stride)
             return _in_input_format(out, x)
@@ -193,6 +209,18 @@ class FusedBlocks:
         weight, conv_stride = convs[-1]
         out = self._conv(h, weight, conv_stride, scale_shift, residual=identity)
         return _in_input_format(out, x)
+
+    def fuses_bn_relu_maxpool(self, x: Tensor, bn: BatchNormParams) -> bool:
+        """Whether :meth:`bn_relu_maxpool` runs on these kernels: a training BN as
+        ``Kernels.conv_bn_train`` takes, or running statistics without a gradient."""
+        return self.kernels.bn_relu_maxpool is not None and (
+            _merges_in_finalize(bn, _count(x))
+            or (not bn.uses_batch_stats and not _needs_grad(x, [], [bn])))
+
+    def bn_relu_maxpool(self, x: Tensor, bn: BatchNormParams) -> Tensor:
+        """:func:`reference.bn_relu_maxpool` (an ImageNet stem after its conv), where
+        :meth:`fuses_bn_relu_maxpool`."""
+        return _in_input_format(self.kernels.bn_relu_maxpool(x, bn), x)
 
     def basic_block(self, x: Tensor, conv1: Tensor, bn1: BatchNormParams, conv2: Tensor,
                     bn2: BatchNormParams, stride: int = 1,

@@ -19,6 +19,7 @@ from torch import nn
 
 from fused_resnet import backends
 from fused_resnet.blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
+from fused_resnet.stem import BatchNormReLUMaxPool
 
 STEMS = ("imagenet", "cifar")
 
@@ -39,8 +40,13 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         else:
             self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
-        # Pre-activation networks normalize inside the first block instead.
-        self.bn1 = None if self.pre_act else nn.BatchNorm2d(64)
+        # Pre-activation networks normalize inside the first block instead. The ImageNet
+        # stem's BN applies the ReLU and the max-pool after it in the same pass (while it
+        # is a BatchNormReLUMaxPool: unfuse makes it a plain BN, and then they run apart).
+        self.bn1 = None
+        if not self.pre_act:
+            self.bn1 = (BatchNormReLUMaxPool(64, backend=backend) if stem == "imagenet"
+                        else nn.BatchNorm2d(64))
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else None
         self.layer1 = self._make_layer(block, 64, layers[0], 1, backend)
         self.layer2 = self._make_layer(block, 128, layers[1], 2, backend)
@@ -90,10 +96,15 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
-        if self.bn1 is not None:
-            x = F.relu(self.bn1(x))
-        if self.maxpool is not None:
-            x = self.maxpool(x)
+        # Whether bn1 is a BatchNormReLUMaxPool (TorchScript compiles hasattr with a
+        # literal name, not an isinstance check against that class).
+        if hasattr(self.bn1, "applies_relu_and_maxpool"):
+            x = self.bn1(x)
+        else:
+            if self.bn1 is not None:
+                x = F.relu(self.bn1(x))
+            if self.maxpool is not None:
+                x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if self.norm is not None:
             x = F.relu(self.norm(x))

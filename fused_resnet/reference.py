@@ -241,6 +241,16 @@ def batch_norm(x: Tensor, bn: BatchNormParams, relu: bool = False,
     return scale_shift_add_relu(xf, scale, shift, residual, relu).to(x.dtype)
 
 
+# The max-pool that ends an ImageNet ResNet stem: (kernel, stride, padding).
+STEM_POOL = (3, 2, 1)
+
+
+def bn_relu_maxpool(x: Tensor, bn: BatchNormParams) -> Tensor:
+    """``max_pool2d(relu(bn(x)), 3, stride 2, padding 1)``: an ImageNet ResNet stem after
+    its conv."""
+    return F.max_pool2d(batch_norm(x, bn, relu=True), *STEM_POOL)
+
+
 def conv(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
     """Bias-free convolution with "same" zero padding (kernel // 2), as every ResNet conv."""
     return F.conv2d(x, weight, stride=stride, padding=weight.shape[-1] // 2)

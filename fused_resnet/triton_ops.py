@@ -34,9 +34,9 @@ from torch.library import custom_op, triton_op
 
 from fused_resnet import op_support
 from fused_resnet.fused_blocks import Kernels
-from fused_resnet.reference import BatchNormParams, Finalize, Projection
+from fused_resnet.reference import STEM_POOL, BatchNormParams, Finalize, Projection
 from fused_resnet.kernels import (batch_norm_finalize, conv_backward, conv_forward,
-                                  elementwise, tuning)
+                                  elementwise, stem, tuning)
 from fused_resnet.kernels import statistics as statistics_kernels
 
 _define_op = custom_op if tuning.INTERPRETED else triton_op
@@ -223,13 +223,19 @@ def triton_masked_gradient(grad: Tensor, y: Tensor, a: Tensor, projection: Optio
         None if projection is None else _channels_last(projection), relu)
 
 
+def _gradient_with_tile_sums_fake(like: Tensor, kernel, kinds: int):
+    """Fake of (a gradient like ``like``, ``kinds`` per-tile sums [kinds, tiles, C] over
+    the row tiles of ``kernel``, the tile count)."""
+    rows, channels = like.numel() // like.shape[1], like.shape[1]
+    tiles = tuning.max_tiles(kernel, rows)
+    return (torch.empty_like(like, memory_format=_CHANNELS_LAST),
+            like.new_empty((kinds, tiles, channels), dtype=torch.float32),
+            like.new_empty(1, dtype=torch.int32))
+
+
 @triton_masked_gradient.register_fake
 def _triton_masked_gradient_fake(grad, y, a, projection, relu):
-    rows, channels = a.numel() // a.shape[1], a.shape[1]
-    tiles = tuning.max_tiles(elementwise.bn_add_relu_backward_kernel, rows)
-    return (torch.empty_like(a, memory_format=_CHANNELS_LAST),
-            a.new_empty((3, tiles, channels), dtype=torch.float32),
-            a.new_empty(1, dtype=torch.int32))
+    return _gradient_with_tile_sums_fake(a, elementwise.bn_add_relu_backward_kernel, 3)
 
 
 # --- batch statistics of a block input -------------------------------------------------
@@ -531,10 +537,99 @@ def _residual_tail(h: Tensor, weight: Tensor, stride: int, prologue: tuple[Tenso
                                *_bn_arguments(bn), *proj)
 
 
+# --- the end of an ImageNet stem: BN + ReLU + max-pool ---------------------------------------
+
+@_op("triton_bn_relu_maxpool")
+def triton_bn_relu_maxpool(x: Tensor, scale: Tensor, shift: Tensor, kernel: int, stride: int,
+                           padding: int, taps: bool) -> tuple[Tensor, Tensor]:
+    """(max_pool(relu(x * scale + shift)) channels_last, the winning tap of each pooled
+    value as int8, empty unless ``taps``): see ``kernels.stem``."""
+    y, winners = stem.bn_relu_maxpool(_channels_last(x), *_dense(scale, shift), kernel,
+                                      stride, padding, taps)
+    return y, x.new_empty(0, dtype=torch.int8) if winners is None else winners
+
+
+@triton_bn_relu_maxpool.register_fake
+def _triton_bn_relu_maxpool_fake(x, scale, shift, kernel, stride, padding, taps):
+    n, c, h, w = x.shape
+    size = [(s + 2 * padding - kernel) // stride + 1 for s in (h, w)]
+    y = x.new_empty((n, c, *size)).contiguous(memory_format=_CHANNELS_LAST)
+    return y, (torch.empty_like(y, dtype=torch.int8) if taps
+               else x.new_empty(0, dtype=torch.int8))
+
+
+@_op("triton_maxpool_relu_backward")
+def triton_maxpool_relu_backward(grad: Tensor, taps: Tensor, x: Tensor, scale: Tensor,
+                                 shift: Tensor, kernel: int, stride: int,
+                                 padding: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of :func:`triton_bn_relu_maxpool` before the BN's scale: (D, per-tile
+    sums [2, tiles, C] of D and D * x, the tile count), see ``kernels.stem``."""
+    return stem.maxpool_relu_backward(_channels_last(grad), taps, _channels_last(x),
+                                      *_dense(scale, shift), kernel, stride, padding)
+
+
+@triton_maxpool_relu_backward.register_fake
+def _triton_maxpool_relu_backward_fake(grad, taps, x, scale, shift, kernel, stride, padding):
+    return _gradient_with_tile_sums_fake(x, stem.maxpool_relu_backward_kernel, 2)
+
+
+@_op("triton_statistics_backward")
+def triton_statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean: Tensor,
+                               grad_var: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
+    """:func:`op_reference.statistics_backward` in one pass."""
+    return elementwise.statistics_backward(_channels_last(grad), _channels_last(y),
+                                           *_dense(mean, grad_mean, grad_var, grad_scale))
+
+
+@triton_statistics_backward.register_fake
+def _triton_statistics_backward_fake(grad, y, mean, grad_mean, grad_var, grad_scale):
+    return torch.empty_like(y, memory_format=_CHANNELS_LAST)
+
+
+class _BatchNormReLUMaxPoolTraining(torch.autograd.Function):
+    """``max_pool(relu(bn(x)))`` for a training BN: its statistics, finalize and the
+    pooling pass forward; backward, the pooling pass (:func:`triton_maxpool_relu_backward`),
+    the finalize's backward from its per-tile sums, and one pass adding the gradient
+    through the batch statistics (eager: max-pool, ReLU and BN backward, each a pass
+    writing a tensor the size of x, and int64 pooling indices as large)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, running_mean, running_var, num_batches_tracked,
+                momentum):
+        mean, var = triton_channel_stats(x)
+        scale, shift = triton_bn_train_finalize(mean, var, weight, bias, eps, running_mean,
+                                                running_var, num_batches_tracked, momentum,
+                                                x.numel() // x.shape[1])
+        y, taps = triton_bn_relu_maxpool(x, scale, shift, *STEM_POOL, True)
+        ctx.eps = eps
+        ctx.save_for_backward(x, taps, scale, shift, mean, var, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, taps, scale, shift, mean, var, weight, bias = ctx.saved_tensors
+        d, sums, tiles = triton_maxpool_relu_backward(grad_y, taps, x, scale, shift,
+                                                      *STEM_POOL)
+        grad_mean, grad_var, grad_weight, grad_bias = _gradients_from_tiles(
+            sums, tiles, 1, mean, var, weight, bias, ctx.eps)
+        grad_x = triton_statistics_backward(d, x, mean, grad_mean, grad_var, scale)
+        return (grad_x, grad_weight, grad_bias) + (None,) * 5
+
+
+def _bn_relu_maxpool(x: Tensor, bn: BatchNormParams) -> Tensor:
+    """``Kernels.bn_relu_maxpool``."""
+    if bn.uses_batch_stats:
+        return _BatchNormReLUMaxPoolTraining.apply(x, *_bn_arguments(bn))
+    scale, shift = triton_bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                         bn.eps)
+    return triton_bn_relu_maxpool(x, scale, shift, *STEM_POOL, False)[0]
+
+
 KERNELS = Kernels(conv=triton_conv, bn_add_relu=triton_bn_add_relu,
                   channel_stats=triton_channel_stats,
                   conv_sharing_input=op_support.conv_sharing_input(triton_conv,
                                                                    _conv_backward),
                   finalize=Finalize(scale_shift=triton_bn_scale_shift,
                                     training=_TrainFinalize.apply),
-                  conv_bn_train=_conv_bn_train, residual_tail=_residual_tail)
+                  conv_bn_train=_conv_bn_train, residual_tail=_residual_tail,
+                  bn_relu_maxpool=_bn_relu_maxpool)

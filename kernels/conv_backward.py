@@ -17,8 +17,24 @@ _CONFIGS = tuning.gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _WGRAD_PIXELS_PER_SPLIT = 8192
 
 
+def _dgrad_keeps(config, launch) -> bool:
+    """The tiles a dgrad launch may take (tools/compile_gate.py): with a prologue 64x64
+    (larger ones spill on sm_80); with a scaled gradient and no prologue 128x128x64 with 8
+    warps (the others serialize the wgmma on sm_90, C7515)."""
+    if launch["PROLOGUE"]:
+        return tuning.tile(config)[:2] == (64, 64)
+    return not launch["SCALED_GRAD"] or tuning.tile(config) == (128, 128, 64, 8)
+
+
+def _wgrad_keeps(config, launch) -> bool:
+    """wgrad takes the 8-warp tiles (with 4 warps ptxas serializes the wgmma on sm_90,
+    C7515: tools/compile_gate.py)."""
+    return tuning.tile(config)[3] == 8
+
+
 @triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE", "PROLOGUE",
-                                         "STATISTICS", "SCALED_GRAD", "ADD_OTHER"])
+                                         "STATISTICS", "SCALED_GRAD", "ADD_OTHER"],
+                 prune_configs_by=tuning.pruned_by(_dgrad_keeps))
 @triton.jit
 def conv_dgrad_kernel(
         g_ptr, w_ptr, x_ptr, in_scale_ptr, in_shift_ptr, grad_x_ptr, sum_ptr, sum_x_ptr,
@@ -130,7 +146,8 @@ def conv_dgrad_kernel(
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE", "PROLOGUE",
-                                         "STATISTICS", "SCALED_GRAD"])
+                                         "STATISTICS", "SCALED_GRAD"],
+                 prune_configs_by=tuning.pruned_by(_wgrad_keeps))
 @triton.jit
 def conv_wgrad_kernel(
         g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, dw_ptr, y_ptr, mean_ptr, grad_mean_ptr,

@@ -63,8 +63,20 @@ def split_pixel_index(index, height, width):
     return (index // (width * height)).to(tl.int64), (index // width) % height, index % width
 
 
+def _keeps(config, launch) -> bool:
+    """The tiles a forward launch may take: those the compile gate passes on sm_80 and
+    sm_90 (tools/compile_gate.py). With a BN-ReLU prologue BLOCK_K = 64 only (with 32
+    ptxas serializes the wgmma, warning C7515, and 128x64x32 spills on sm_80); with
+    statistics but no prologue, not 64x64x64 (spills on sm_80)."""
+    block_k = tuning.tile(config)[2]
+    if launch["PROLOGUE"]:
+        return block_k == 64
+    return not launch["STATISTICS"] or tuning.tile(config)[:3] != (64, 64, 64)
+
+
 @triton.autotune(configs=_CONFIGS, key=["M", "C_in", "C_out", "KH", "STRIDE", "PROLOGUE",
-                                         "OUT_AFFINE", "RESIDUAL", "OUT_RELU", "STATISTICS"])
+                                         "OUT_AFFINE", "RESIDUAL", "OUT_RELU", "STATISTICS"],
+                 prune_configs_by=tuning.pruned_by(_keeps))
 @triton.jit
 def fused_conv_forward_kernel(
         x_ptr, w_ptr, y_ptr, in_scale_ptr, in_shift_ptr, out_scale_ptr, out_shift_ptr,

@@ -13,7 +13,7 @@ import triton.language as tl
 from . import tuning
 from .conv_forward import relu_keeping_nan, tile_indices
 from .statistics import (merge, partial_buffers, record_tile_count, store_tile_statistics,
-                         sum_buffers, sum_tiles)
+                         sum_buffers, sum_tiles, with_statistics_term)
 
 _CONFIGS = tuning.elementwise_configs(("BLOCK_M", "BLOCK_C"))
 
@@ -108,6 +108,27 @@ def channel_statistics_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, tiles_ptr, M, 
                           channels, channel_valid, count_ptr, mean_ptr, m2_ptr, tiles_ptr, C)
 
 
+@triton.autotune(configs=_CONFIGS, key=["M", "C", "SCALED_GRAD"])
+@triton.jit
+def statistics_backward_kernel(g_ptr, y_ptr, mean_ptr, grad_mean_ptr, grad_var_ptr,
+                               grad_scale_ptr, out_ptr, M, C, SCALED_GRAD: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = g [* grad_scale[c]] + (grad_mean[c] + 2 grad_var[c] (y - mean[c])) / M: the
+    gradient of ``y`` [M, C] (channels_last-contiguous, as ``g`` and ``out``) whose
+    per-channel batch statistics also reached the loss, for a consumer that cannot add
+    the term as it loads (:func:`statistics.with_statistics_term`)."""
+    rows, channels, row_valid, channel_valid, offsets = _tile(M, C, BLOCK_M, BLOCK_C)
+    mask = row_valid[:, None] & channel_valid[None, :]
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if SCALED_GRAD:
+        g = g * _per_channel(grad_scale_ptr, channels, channel_valid)
+    out = with_statistics_term(g, tl.load(y_ptr + offsets, mask=mask, other=0.0),
+                               _per_channel(mean_ptr, channels, channel_valid),
+                               _per_channel(grad_mean_ptr, channels, channel_valid),
+                               _per_channel(grad_var_ptr, channels, channel_valid), M)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _rows_and_grid(x):
     m, c = x.numel() // x.shape[1], x.shape[1]
     return m, c, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
@@ -175,3 +196,14 @@ def channel_statistics(x):
     partials = partial_buffers(tuning.max_tiles(channel_statistics_kernel, m), c, x.device)
     tuning.launcher(channel_statistics_kernel)[grid](x, *partials, m, c)
     return merge(*partials)
+
+
+def statistics_backward(grad, y, mean, grad_mean, grad_var, grad_scale=None):
+    """Launch :func:`statistics_backward_kernel`: the gradient of ``y`` (channels_last, y's
+    dtype); tensors channels_last-contiguous."""
+    m, c, grid = _rows_and_grid(y)
+    out = torch.empty_like(y, memory_format=torch.channels_last)
+    tuning.launcher(statistics_backward_kernel)[grid](
+        grad, y, mean, grad_mean, grad_var, mean if grad_scale is None else grad_scale, out,
+        m, c, SCALED_GRAD=grad_scale is not None)
+    return out

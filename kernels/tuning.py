@@ -103,6 +103,26 @@ def elementwise_configs(names: tuple[str, str]) -> list[triton.Config]:
     return [configs[_INTERPRETER_ELEMENTWISE_DEFAULT]] if INTERPRETED else configs
 
 
+def pruned_by(keeps: Callable[[triton.Config, dict], bool]) -> dict:
+    """``prune_configs_by`` for ``triton.autotune``: of the configurations, those that
+    ``keeps(config, launch_keywords)`` (the launch's constexpr flags) for the launch. On
+    GPUs only: the interpreter runs its one configuration, shrunk to CPU size."""
+    def prune(configs, named_args, **launch_keywords):
+        if INTERPRETED:
+            return configs
+        kept = [config for config in configs if keeps(config, launch_keywords)]
+        if not kept:
+            raise RuntimeError(f"no tile configuration for a launch with {launch_keywords}")
+        return kept
+    return {"early_config_prune": prune}
+
+
+def tile(config: triton.Config) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of a GEMM-shaped kernel's configuration."""
+    return (*(config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+            config.num_warps)
+
+
 def max_tiles(kernel, rows: int, name: str = "BLOCK_M") -> int:
     """The most programs ``kernel`` can launch along ``rows`` with any configuration it
     may run (its smallest ``name`` tile): the size of per-tile partial buffers, read from

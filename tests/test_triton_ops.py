@@ -137,10 +137,36 @@ def _opcheck_samples(device):
                              fused["in_shift"], torch.randn_like(grad), *three_channels)),
         (triton_bn_add_relu, (a, s, s, torch.randn_like(a), s, s, True)),
         (triton_channel_stats, (a,)),
+        *_training_plan_samples(fused, stride, device),
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+def _training_plan_samples(fused, stride, device):
+    """The ops only the triton plan's own Functions call (conv + BN finalize, the
+    residual tail's backward pieces, the stem's BN-ReLU-max-pool)."""
+    channels = [torch.rand(7, device=device) + 0.5 for _ in range(4)]  # weight, bias, var..
+    running = (torch.zeros(7, device=device), torch.ones(7, device=device),
+               torch.tensor(0, device=device))
+    x = torch.randn(3, 7, 5, 6, device=device)
+    g, sums, tiles = triton_ops.triton_masked_gradient(torch.randn_like(x), x.relu(), x,
+                                                       None, True)
+    pooled, taps = triton_ops.triton_bn_relu_maxpool(x, *channels[:2], 3, 2, 1, True)
+    return [
+        (triton_ops.triton_conv_bn_train, (fused["x"], fused["weight"], stride,
+                                           fused["in_scale"], fused["in_shift"],
+                                           *channels[:2], 1e-5, *running, 0.1)),
+        (triton_ops.triton_masked_gradient, (torch.randn_like(x), x.relu(), x,
+                                             torch.randn_like(x), True)),
+        (triton_ops.triton_bn_scale_shift_backward_from_tiles,
+         (sums, tiles, 1, channels[0], channels[2], *channels[:2], 1e-5)),
+        (triton_ops.triton_bn_relu_maxpool, (x, *channels[:2], 3, 2, 1, True)),
+        (triton_ops.triton_maxpool_relu_backward, (torch.randn_like(pooled), taps, x,
+                                                   *channels[:2], 3, 2, 1)),
+        (triton_ops.triton_statistics_backward, (g, x, *channels[:3], channels[3])),
+    ]
+
+
+@pytest.mark.parametrize("index", range(14))
 def test_ops_pass_opcheck(index, device):
     op, args = _opcheck_samples(device)[index]
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()

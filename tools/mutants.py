@@ -19,6 +19,7 @@ class Mutant(NamedTuple):
 
 TRITON_OPS = ("tests/test_triton_ops.py", "tests/test_gpu_size_paths.py")
 TRITON_BLOCKS = ("tests/test_triton_blocks.py",)
+STEM = ("tests/test_stem.py",)
 EXTENSION_CPU = ("tests/test_extension.py", "-k", "cpu or nan or opcheck or residual_affine")
 
 MUTANTS = [
@@ -105,6 +106,15 @@ MUTANTS = [
            "    if True:\n        factor = _count_batch(", TRITON_OPS),
     Mutant("finalize-backward-forgets-shift-through-scale", "kernels/batch_norm_finalize.py",
            "- grad_shift * mean\n", "\n", TRITON_OPS),
+    Mutant("stem-pool-takes-the-last-of-tied-maxima", "kernels/stem.py",
+           "wins = mask & ((value > best)", "wins = mask & ((value >= best)", STEM),
+    Mutant("stem-backward-skips-a-window", "kernels/stem.py",
+           "tl.static_range(windows * windows)", "tl.static_range(windows * windows - 1)",
+           STEM),
+    Mutant("stem-backward-without-the-relu-mask", "kernels/stem.py",
+           "tl.where(mask & passed, acc, 0.0)", "tl.where(mask, acc, 0.0)", STEM),
+    Mutant("statistics-backward-pass-unscaled", "kernels/elementwise.py",
+           "g = g * _per_channel(grad_scale_ptr, channels, channel_valid)", "g = g", STEM),
     # The block plan (fused_resnet/fused_blocks.py).
     Mutant("plan-post-act-shortcut-bn-mixed-up", "fused_resnet/fused_blocks.py",
            "shortcut.bn, stride)\n", "layers[-1][1], stride)\n", TRITON_BLOCKS),
