@@ -137,3 +137,26 @@ def test_a_sync_batch_norm_conversion_keeps_relu_and_pool():
     model.eval(), reference_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference_model(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_stem_compiles_fullgraph(training, device):
+    """torch.compile traces the fused stem (its autograd Function and mutating finalize
+    included) without graph breaks, and computes what it computes uncompiled."""
+    torch._dynamo.reset()
+    plain_bn = _randomized(nn.BatchNorm2d(6))
+    x = torch.randn(2, 6, 7, 9)
+    uncompiled = _step_results(stem.fused_from(copy.deepcopy(plain_bn), "triton").to(device),
+                               x.to(device), training)
+    compiled_module = torch.compile(stem.fused_from(copy.deepcopy(plain_bn), "triton")
+                                    .to(device), fullgraph=True)
+    module = compiled_module._orig_mod
+    compiled_module.train(training)
+    x_compiled = x.to(device).requires_grad_(training)
+    y = compiled_module(x_compiled)
+    torch.testing.assert_close(y, uncompiled["y"])
+    if training:
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y).to(y.device)).sum().backward()
+        torch.testing.assert_close(x_compiled.grad, uncompiled["grad x"])
+        torch.testing.assert_close(module.weight.grad, uncompiled["grad weight"])
+        torch.testing.assert_close(module.running_var, uncompiled["running var"])
