@@ -14,7 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,16 +27,22 @@ namespace {
 
 constexpr int kThreads = 128;
 
-__global__ void bn_scale_shift_kernel(const float* __restrict__ mean,
-                                      const float* __restrict__ var,
-                                      const float* __restrict__ weight,
-                                      const float* __restrict__ bias, float eps, int channels,
+// Statistics and parameters are read in their own dtypes (a .half() or .bfloat16()
+// module's running statistics and affine parameters), so that no conversion launches
+// before this one.
+template <typename stat_t, typename param_t>
+__global__ void bn_scale_shift_kernel(const stat_t* __restrict__ mean,
+                                      const stat_t* __restrict__ var,
+                                      const param_t* __restrict__ weight,
+                                      const param_t* __restrict__ bias, float eps, int channels,
                                       float* __restrict__ scale, float* __restrict__ shift) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  const float s = rsqrtf(var[c] + eps) * (weight != nullptr ? weight[c] : 1.f);
+  const float s = rsqrtf(static_cast<float>(var[c]) + eps) *
+                  (weight != nullptr ? static_cast<float>(weight[c]) : 1.f);
   scale[c] = s;
-  shift[c] = (bias != nullptr ? bias[c] : 0.f) - mean[c] * s;
+  shift[c] = (bias != nullptr ? static_cast<float>(bias[c]) : 0.f) -
+             static_cast<float>(mean[c]) * s;
 }
 
 template <typename running_t>
@@ -82,18 +88,35 @@ std::tuple<at::Tensor, at::Tensor> bn_scale_shift_cuda(const at::Tensor& mean,
   if (weight.has_value()) check_vector(op, "weight", *weight, mean);
   if (bias.has_value()) check_vector(op, "bias", *bias, mean);
   const c10::cuda::CUDAGuard device_guard(mean.device());
-  const at::Tensor mean_f = as_float(mean), var_f = as_float(var);
-  const at::Tensor weight_f = weight.has_value() ? as_float(*weight) : at::Tensor();
-  const at::Tensor bias_f = bias.has_value() ? as_float(*bias) : at::Tensor();
-  at::Tensor scale = at::empty_like(mean_f), shift = at::empty_like(mean_f);
+  // Dense vectors in one dtype for the statistics and one for the parameters (both as the
+  // module holds them); anything else is converted first.
+  const bool same_stats = var.scalar_type() == mean.scalar_type();
+  const auto param_type = weight.has_value() ? weight->scalar_type()
+                          : bias.has_value() ? bias->scalar_type() : mean.scalar_type();
+  const bool same_params = (!weight.has_value() || weight->scalar_type() == param_type) &&
+                           (!bias.has_value() || bias->scalar_type() == param_type);
+  const at::Tensor mean_d = same_stats ? mean.contiguous() : as_float(mean);
+  const at::Tensor var_d = same_stats ? var.contiguous() : as_float(var);
+  auto param = [&](const c10::optional<at::Tensor>& v) {
+    return !v.has_value() ? at::Tensor() : same_params ? v->contiguous() : as_float(*v);
+  };
+  const at::Tensor weight_d = param(weight), bias_d = param(bias);
+  const auto options = mean.options().dtype(at::kFloat);
+  at::Tensor scale = at::empty({mean.numel()}, options), shift = at::empty({mean.numel()}, options);
   if (mean.numel() == 0) return {scale, shift};
-  bn_scale_shift_kernel<<<blocks_for(mean.numel()), kThreads, 0,
-                          at::cuda::getCurrentCUDAStream()>>>(
-      mean_f.const_data_ptr<float>(), var_f.const_data_ptr<float>(),
-      weight_f.defined() ? weight_f.const_data_ptr<float>() : nullptr,
-      bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, static_cast<float>(eps),
-      static_cast<int>(mean.numel()), scale.mutable_data_ptr<float>(),
-      shift.mutable_data_ptr<float>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mean_d.scalar_type(), op, [&] {
+    using stat_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, same_params ? param_type : at::kFloat, op, [&] {
+          bn_scale_shift_kernel<stat_t, scalar_t><<<blocks_for(mean.numel()), kThreads, 0,
+                                                    at::cuda::getCurrentCUDAStream()>>>(
+              mean_d.const_data_ptr<stat_t>(), var_d.const_data_ptr<stat_t>(),
+              weight_d.defined() ? weight_d.const_data_ptr<scalar_t>() : nullptr,
+              bias_d.defined() ? bias_d.const_data_ptr<scalar_t>() : nullptr,
+              static_cast<float>(eps), static_cast<int>(mean.numel()),
+              scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>());
+        });
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // In the statistics' dtype when that is wider than fp32, as the reference gives it.
   const auto dtype = c10::promoteTypes(mean.scalar_type(), at::kFloat);

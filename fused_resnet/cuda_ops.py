@@ -92,10 +92,13 @@ def _bn_add_relu(a: Tensor, a_scale: Tensor, a_shift: Tensor, residual: Optional
                                 r_scale, r_shift, relu)
 
 
+
+
 def _bn_scale_shift(mean: Tensor, var: Tensor, weight: Optional[Tensor],
                     bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    acc = op_support.statistics_dtype(mean)  # running statistics of a .half() module
-    return torch.ops.fused_resnet.bn_scale_shift(mean.to(acc), var.to(acc), weight, bias, eps)
+    # Statistics and parameters in any float dtype (a .half() module's running
+    # statistics): the kernel reads them as they are, so no conversion launches first.
+    return torch.ops.fused_resnet.bn_scale_shift(mean, var, weight, bias, eps)
 
 
 def _bn_update_running_stats(mean: Tensor, var: Tensor, running_mean: Tensor,
@@ -152,6 +155,8 @@ def _scale_shift_add_relu_backward(ctx, grad_output):
 def _bn_scale_shift_backward(ctx, grad_scale, grad_shift):
     """scale = w * rstd, shift = b - mean * scale, rstd = (var + eps)^(-1/2)."""
     mean, var, weight, bias = ctx.saved_tensors
+    # In at least fp32 (running statistics of a .half() module are saved as they are).
+    mean, var = (t.to(op_support.statistics_dtype(t)) for t in (mean, var))
     rstd = torch.rsqrt(var + ctx.eps)
     w = torch.ones_like(rstd) if weight is None else weight.to(rstd.dtype)
     grad_scale = torch.zeros_like(rstd) if grad_scale is None else grad_scale

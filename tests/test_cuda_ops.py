@@ -267,6 +267,24 @@ def test_cuda_bn_finalize_matches_reference(running_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("stat_dtype, param_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+    (torch.float32, torch.bfloat16), (torch.float16, torch.float32)], ids=str)
+def test_cuda_bn_scale_shift_reads_every_dtype(stat_dtype, param_dtype):
+    """A .half()/.bfloat16() module's running statistics and parameters are read as they
+    are (no conversion launch first), mixed dtypes too, and strided vectors; fp32
+    results within fp32 rounding of the reference on the same values."""
+    mean, var, weight, bias = _finalize_arguments("cuda", torch.float32, channels=400)
+    stats = [t.to(stat_dtype)[::2] for t in (mean, var)]
+    params = [t.to(param_dtype)[::2] for t in (weight, bias)]
+    scale, shift = torch.ops.fused_resnet.bn_scale_shift(*stats, *params, 1e-5)
+    assert scale.dtype == torch.float32 and scale.shape == (200,)
+    expected = reference.scale_shift_from_statistics(*stats, *[p.float() for p in params],
+                                                     1e-5)
+    torch.testing.assert_close((scale, shift), expected)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CUDA_BLOCK_CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "non_contiguous"])
