@@ -15,14 +15,17 @@ import pytest
 import torch
 
 from fused_resnet import kernels
-from fused_resnet.kernels import conv_backward, conv_forward, elementwise, tuning
+from fused_resnet.kernels import conv_backward, conv_forward, elementwise, stem, tuning
 from opcases import (CONV_CASES, check_bn_add_relu, check_channel_statistics,
                      check_triton_conv, cross_reduction_thresholds)
+from test_stem import check_stem
 
 GEMM_KERNELS = [conv_forward.fused_conv_forward_kernel, conv_backward.conv_dgrad_kernel,
                 conv_backward.conv_wgrad_kernel]
 ELEMENTWISE_KERNELS = [elementwise.bn_add_relu_kernel, elementwise.bn_add_relu_backward_kernel,
-                       elementwise.channel_statistics_kernel]
+                       elementwise.channel_statistics_kernel,
+                       elementwise.statistics_backward_kernel, stem.bn_relu_maxpool_kernel,
+                       stem.maxpool_relu_backward_kernel]
 # Channels wider than the widest interpreter tile (32) and multiples of no tile size;
 # stride 2 and 3x3; 70 input and 24 output pixels.
 WIDE_CONV_CASE = (2, 35, 5, 7, 37, 3, 2)
@@ -57,6 +60,7 @@ def test_every_elementwise_config(index, device, poisoned_allocations, monkeypat
     cross_reduction_thresholds(monkeypatch)
     check_bn_add_relu(WIDE_SHAPE, "projection", torch.channels_last, device)
     check_channel_statistics(WIDE_SHAPE, device)
+    check_stem(WIDE_SHAPE, True, device)
 
 
 @pytest.mark.parametrize("fusion", ["plain", "prologue_statistics"])

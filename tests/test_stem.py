@@ -50,6 +50,11 @@ def test_triton_stem_matches_pytorchs_modules(shape, training, device, poisoned_
     """Odd and even H and W (windows cut by the padding at every edge), channels that
     are not a multiple of 8, a batch of one; in training every gradient and running
     statistic, within eager's error of an fp64 run, in fp32 and fp16."""
+    check_stem(shape, training, device)
+
+
+def check_stem(shape, training, device):
+    """The triton stem on ``shape`` against PyTorch's modules (see the test above)."""
     channels = shape[1]
     plain_bn = _randomized(nn.BatchNorm2d(channels))
     x = torch.randn(shape) * 2 + 0.3
