@@ -6,7 +6,9 @@ Environment:
     FUSED_RESNET_BUILD_CUDA  auto (default): build the extension when nvcc is found and
                              matches torch's CUDA major version, otherwise install without
                              it and say why; 1: build it or fail with the reason; 0: skip.
-    TORCH_CUDA_ARCH_LIST     defaults to "8.0;9.0" when no GPU is visible (CI, dev boxes).
+    TORCH_CUDA_ARCH_LIST     defaults to "8.0;9.0+PTX" when no GPU is visible (CI, dev
+                             boxes): sm_80 and sm_90 code, and compute_90 PTX that a newer
+                             GPU's driver compiles when it loads the library.
     MAX_JOBS                 defaults to what the cores and the memory allow.
     CUDA_HOME                defaults to /usr/local/cuda when that exists.
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # nvcc compiling the torch headers peaks around 2 GB per job.
 MEMORY_PER_JOB_BYTES = 2 * 1024**3
 

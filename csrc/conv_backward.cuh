@@ -5,7 +5,10 @@
 //    dgrad (one pass per filter phase, zeros where no tap lands) for stride 2; output in the
 //    element type, as cuDNN's. The ReLU mask and the BN-backward reductions of a prologue
 //    follow in one pass (channel_kernels.cu).
-//  * wgrad: fp32 output. With a prologue, DefaultConv2dWgradFusion (CUTLASS example 26)
+//  * wgrad: parallel split-K. The pixel sum is cut into the slices conv_launch_plan chooses
+//    (so that a first-stage layer's few output tiles still fill the GPU); each slice writes
+//    fp32 partials, and ReduceSplitK adds them in slice order (deterministic) and rounds once
+//    to the weight's type. With a prologue, DefaultConv2dWgradFusion (CUTLASS example 26)
 //    recomputes relu(x * scale + shift) on the activation operand in the mainloop, so the
 //    normalized activation is never stored.
 #pragma once
@@ -17,12 +20,15 @@
 #include <cutlass/conv/device/implicit_gemm_convolution.h>
 #include <cutlass/conv/device/implicit_gemm_convolution_fusion.h>
 #include <cutlass/epilogue/thread/linear_combination.h>
+#include <cutlass/reduction/device/reduce_split_k.h>
+#include <cutlass/reduction/kernel/reduce_split_k.h>
+#include <cutlass/reduction/thread/reduction_operators.h>
 
 #include "cutlass_conv.cuh"
 
 namespace fused_resnet::cutlass_conv {
 
-template <typename Element>
+template <typename Element, typename Tile>
 struct BackwardKernels {
   static int const kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
   using DgradEpilogue =
@@ -33,8 +39,8 @@ struct BackwardKernels {
   using Dgrad = cutlass::conv::device::ImplicitGemmConvolution<
       typename cutlass::conv::kernel::DefaultConv2dDgrad<
           Element, Nhwc, Element, Nhwc, Element, Nhwc, float, cutlass::arch::OpClassTensorOp,
-          cutlass::arch::Sm80, ThreadblockShape, WarpShape, InstructionShape, DgradEpilogue,
-          Swizzle, kStages, cutlass::arch::OpMultiplyAdd,
+          cutlass::arch::Sm80, typename Tile::Threadblock, typename Tile::Warp,
+          InstructionShape, DgradEpilogue, Swizzle, Tile::kStages, cutlass::arch::OpMultiplyAdd,
           cutlass::conv::IteratorAlgorithm::kOptimized, kStrideSupport>::Kernel>;
   using UnitStrideDgrad = Dgrad<cutlass::conv::StrideSupport::kUnity,
                                 cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>>;
@@ -44,22 +50,31 @@ struct BackwardKernels {
   using Wgrad = cutlass::conv::device::ImplicitGemmConvolution<
       typename cutlass::conv::kernel::DefaultConv2dWgrad<
           Element, Nhwc, Element, Nhwc, float, Nhwc, float, cutlass::arch::OpClassTensorOp,
-          cutlass::arch::Sm80, ThreadblockShape, WarpShape, InstructionShape, WgradEpilogue,
-          cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, kStages,
+          cutlass::arch::Sm80, typename Tile::Threadblock, typename Tile::Warp,
+          InstructionShape, WgradEpilogue,
+          cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, Tile::kStages,
           cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel>;
 
   using PrologueWgrad = cutlass::conv::device::ImplicitGemmConvolutionFusion<
       typename cutlass::conv::kernel::DefaultConv2dWgradFusion<
           Element, Nhwc, Element, Nhwc, Element, cutlass::layout::RowMajor, float, Nhwc, float,
-          cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, ThreadblockShape, WarpShape,
-          InstructionShape, WgradEpilogue,
-          cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, kStages,
+          cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, typename Tile::Threadblock,
+          typename Tile::PrologueWgradWarp, InstructionShape, WgradEpilogue,
+          cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, Tile::kStages,
           cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel>;
+
+  // Sums wgrad's fp32 slices (rows of R*S*C, one per output channel) into the weight type.
+  using SplitKReduction = cutlass::reduction::device::ReduceSplitK<
+      cutlass::reduction::kernel::ReduceSplitK<
+          cutlass::MatrixShape<4, 32 * kAlignment>,
+          cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>,
+          cutlass::reduction::thread::ReduceAdd<float, float, kAlignment>>>;
 };
 
 template <typename Operator, typename Element>
 void run_dgrad(const DgradLaunch& launch, cudaStream_t stream, const char* what) {
   const ConvProblem& p = launch.problem;
+  check_plan<Operator>(p, launch.plan, what);
   const auto grad_input = activation<Element>(p, launch.grad_input);
   typename Operator::Arguments arguments{problem_size(p),
                                          output<Element>(p, launch.grad_output),
@@ -70,9 +85,9 @@ void run_dgrad(const DgradLaunch& launch, cudaStream_t stream, const char* what)
   launch_operator<Operator>(arguments, stream, what);
 }
 
-template <typename Element>
-void conv_dgrad(const DgradLaunch& launch, cudaStream_t stream) {
-  using Kernels = BackwardKernels<Element>;
+template <typename Element, typename Tile>
+void conv_dgrad_tiled(const DgradLaunch& launch, cudaStream_t stream) {
+  using Kernels = BackwardKernels<Element, Tile>;
   if (launch.problem.stride == 1) {
     run_dgrad<typename Kernels::UnitStrideDgrad, Element>(launch, stream, "conv_dgrad");
   } else {
@@ -80,31 +95,65 @@ void conv_dgrad(const DgradLaunch& launch, cudaStream_t stream) {
   }
 }
 
-template <typename Element>
-void conv_wgrad(const WgradLaunch& launch, cudaStream_t stream) {
-  using Kernels = BackwardKernels<Element>;
+template <typename Element, typename Tile>
+void conv_wgrad_tiled(const WgradLaunch& launch, cudaStream_t stream) {
+  using Kernels = BackwardKernels<Element, Tile>;
   const ConvProblem& p = launch.problem;
-  const auto size = problem_size(p);
+  const int split_k = launch.plan.split_k;
+  const auto size = problem_size(p, split_k);
   const auto grad_output = output<Element>(p, launch.grad_output);
   const auto x = activation<Element>(p, launch.x);
-  const auto grad_weight = filter<float>(p, launch.grad_weight);
+  // Slice k of the partial sums starts at workspace + k * K*R*S*C (CUTLASS's parallel mode).
+  const auto partials = filter<float>(p, launch.workspace);
+  constexpr auto kParallel = cutlass::conv::SplitKMode::kParallel;
+  // With more than one slice CUTLASS's initialize() zeroes the buffer it is given as its
+  // workspace before the kernel: the partials buffer serves, as the kernel then overwrites it.
+  void* workspace = split_k > 1 ? launch.workspace : nullptr;
   if (launch.in_scale != nullptr) {
+    check_plan<typename Kernels::PrologueWgrad>(p, launch.plan, "conv_wgrad (BN-ReLU prologue)");
     typename Kernels::PrologueWgrad::Arguments arguments{
         size,
         grad_output,
         x,
         channel_vector<Element>(launch.in_scale, p.c),
         channel_vector<Element>(launch.in_shift, p.c),
-        grad_weight,
-        grad_weight,
-        {1.f, 0.f}};
+        partials,
+        partials,
+        {1.f, 0.f},
+        kParallel};
     launch_operator<typename Kernels::PrologueWgrad>(arguments, stream,
-                                                     "conv_wgrad (BN-ReLU prologue)");
+                                                     "conv_wgrad (BN-ReLU prologue)", workspace);
   } else {
-    typename Kernels::Wgrad::Arguments arguments{size, grad_output, x, grad_weight, grad_weight,
-                                                 {1.f, 0.f}};
-    launch_operator<typename Kernels::Wgrad>(arguments, stream, "conv_wgrad");
+    check_plan<typename Kernels::Wgrad>(p, launch.plan, "conv_wgrad");
+    typename Kernels::Wgrad::Arguments arguments{size,     grad_output, x,        partials,
+                                                 partials, {1.f, 0.f},  kParallel};
+    launch_operator<typename Kernels::Wgrad>(arguments, stream, "conv_wgrad", workspace);
   }
+  using Reduction = typename Kernels::SplitKReduction;
+  const int row = p.r * p.s * p.c;
+  typename Reduction::Arguments reduction{
+      {p.k, row},
+      split_k,
+      static_cast<size_t>(p.k) * row,
+      {launch.workspace, row},
+      {static_cast<Element*>(launch.grad_weight), row},
+      {static_cast<Element*>(launch.grad_weight), row},
+      {1.f, 0.f}};
+  launch_operator<Reduction>(reduction, stream, "conv_wgrad (split-K reduction)");
+}
+
+template <typename Element>
+void conv_dgrad(const DgradLaunch& launch, cudaStream_t stream) {
+  launch.plan.tile_m == SmallTile::Threadblock::kM
+      ? conv_dgrad_tiled<Element, SmallTile>(launch, stream)
+      : conv_dgrad_tiled<Element, LargeTile>(launch, stream);
+}
+
+template <typename Element>
+void conv_wgrad(const WgradLaunch& launch, cudaStream_t stream) {
+  launch.plan.tile_m == SmallTile::Threadblock::kM
+      ? conv_wgrad_tiled<Element, SmallTile>(launch, stream)
+      : conv_wgrad_tiled<Element, LargeTile>(launch, stream);
 }
 
 }  // namespace fused_resnet::cutlass_conv

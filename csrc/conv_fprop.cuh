@@ -88,31 +88,31 @@ class BiasResidualRelu {
   Params params_;
 };
 
-template <typename Element>
+template <typename Element, typename Tile>
 struct FpropKernels {
   static int const kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
 
   using Prologue = cutlass::conv::device::ImplicitGemmConvolutionFusion<
       typename cutlass::conv::kernel::DefaultConv2dFpropFusion<
           Element, Nhwc, Element, Nhwc, Element, cutlass::layout::RowMajor, Element, Nhwc,
-          float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, ThreadblockShape,
-          WarpShape, InstructionShape,
+          float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+          typename Tile::Threadblock, typename Tile::Warp, InstructionShape,
           cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>,
-          cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, kStages,
+          cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, Tile::kStages,
           cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel>;
 
   using Broadcast = cutlass::conv::device::ImplicitGemmConvolution<
       typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
           Element, Nhwc, Element, Nhwc, Element, Nhwc, float, cutlass::arch::OpClassTensorOp,
-          cutlass::arch::Sm80, ThreadblockShape, WarpShape, InstructionShape,
-          BiasResidualRelu<Element, kAlignment>,
-          cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, kStages,
+          cutlass::arch::Sm80, typename Tile::Threadblock, typename Tile::Warp,
+          InstructionShape, BiasResidualRelu<Element, kAlignment>,
+          cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, Tile::kStages,
           cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel>;
 };
 
-template <typename Element>
-void conv_fprop(const FpropLaunch& launch, cudaStream_t stream) {
-  using Kernels = FpropKernels<Element>;
+template <typename Element, typename Tile>
+void conv_fprop_tiled(const FpropLaunch& launch, cudaStream_t stream) {
+  using Kernels = FpropKernels<Element, Tile>;
   const ConvProblem& p = launch.problem;
   const auto size = problem_size(p);
   const auto y = output<Element>(p, launch.y);
@@ -121,6 +121,7 @@ void conv_fprop(const FpropLaunch& launch, cudaStream_t stream) {
   if (launch.in_scale != nullptr) {
     TORCH_CHECK(launch.bias == nullptr && !launch.relu,
                 "fused_resnet conv_fprop: a conv with a prologue takes no bias or ReLU");
+    check_plan<typename Kernels::Prologue>(p, launch.plan, "conv_fprop (BN-ReLU prologue)");
     typename Kernels::Prologue::Arguments arguments{
         size,
         activation<Element>(p, launch.x),
@@ -132,6 +133,7 @@ void conv_fprop(const FpropLaunch& launch, cudaStream_t stream) {
         {1.f, launch.residual ? 1.f : 0.f}};
     launch_operator<typename Kernels::Prologue>(arguments, stream, "conv_fprop (BN-ReLU prologue)");
   } else {
+    check_plan<typename Kernels::Broadcast>(p, launch.plan, "conv_fprop");
     typename Kernels::Broadcast::Arguments arguments{
         size,
         activation<Element>(p, launch.x),
@@ -144,6 +146,13 @@ void conv_fprop(const FpropLaunch& launch, cudaStream_t stream) {
         nullptr};
     launch_operator<typename Kernels::Broadcast>(arguments, stream, "conv_fprop");
   }
+}
+
+template <typename Element>
+void conv_fprop(const FpropLaunch& launch, cudaStream_t stream) {
+  launch.plan.tile_m == SmallTile::Threadblock::kM
+      ? conv_fprop_tiled<Element, SmallTile>(launch, stream)
+      : conv_fprop_tiled<Element, LargeTile>(launch, stream);
 }
 
 }  // namespace fused_resnet::cutlass_conv

@@ -17,6 +17,25 @@ struct ConvProblem {
   int stride;
 };
 
+// The CUTLASS kernels the ops launch.
+enum class ConvKernel { kFprop, kFpropPrologue, kDgrad, kWgrad, kWgradPrologue };
+
+// How one kernel covers a problem: its threadblock tile (implicit GEMM M x N x K), the grid
+// of tiles and the split-K slices, grid_m * grid_n * split_k threadblocks in all.
+struct LaunchPlan {
+  int tile_m, tile_n, tile_k;
+  int grid_m, grid_n, split_k;
+};
+
+// The plan the launchers follow for `kernel` on `problem` on a GPU with `sm_count`
+// multiprocessors: the tile configuration (conv_launch_plan in conv_plan.cu says which and
+// why) and, for wgrad, the split-K. Host code that needs no GPU, so a CPU machine can check
+// every launch's grid.
+LaunchPlan conv_launch_plan(ConvKernel kernel, const ConvProblem& problem, int sm_count);
+
+// Each launch carries the plan conv_launch_plan made for it (conv_ops.cpp): the launcher runs
+// the kernel of the plan's tile and checks that the kernel's grid is the plan's.
+
 // y = act(conv(prologue(x), W) [+ bias[k]] [+ residual])
 //   prologue(x) = relu(x * in_scale[c] + in_shift[c]) when in_scale is given (element-typed
 //                 vectors, CUTLASS example 25), zero padding after it;
@@ -24,6 +43,7 @@ struct ConvProblem {
 // With a prologue the epilogue takes only the residual (no bias, no ReLU).
 struct FpropLaunch {
   ConvProblem problem;
+  LaunchPlan plan;
   const void* x;
   const void* weight;
   void* y;
@@ -38,18 +58,24 @@ struct FpropLaunch {
 // prologue backward, which channel_kernels.h does).
 struct DgradLaunch {
   ConvProblem problem;
+  LaunchPlan plan;
   const void* grad_output;
   const void* weight;
   void* grad_input;
 };
 
-// grad_weight (fp32, KRSC) = sum over pixels of grad_output x prologue(x); with in_scale the
-// prologue is recomputed in the mainloop (CUTLASS example 26) instead of being stored.
+// grad_weight (KRSC, the element type) = sum over pixels of grad_output x prologue(x); with
+// in_scale the prologue is recomputed in the mainloop (CUTLASS example 26) instead of being
+// stored. The pixels are split into plan.split_k slices: each slice writes its fp32 partial
+// sums to `workspace` (split_k * K*R*S*C floats), and a reduction adds the slices in order
+// (deterministic) and rounds once to the element type.
 struct WgradLaunch {
   ConvProblem problem;
+  LaunchPlan plan;
   const void* grad_output;
   const void* x;
-  float* grad_weight;
+  void* grad_weight;
+  float* workspace;
   const void* in_scale = nullptr;
   const void* in_shift = nullptr;
 };

@@ -7,8 +7,10 @@
 //
 // Same signatures and meaning as the Triton backend's triton_conv* ops; the plain-PyTorch
 // meaning of each is in fused_resnet/reference.py (fused_conv, conv_dgrad, conv_wgrad).
-// Here the tensors are checked and laid out (NHWC, 16-byte aligned); the CUTLASS kernels
-// are in conv_fprop.cuh and conv_backward.cuh, the per-channel passes in channel_kernels.cu.
+// Here the tensors are checked and laid out (NHWC, every tensor and vector the kernels read
+// 16-byte aligned: CUTLASS loads them in 16- and 32-byte vectors, and a misaligned one would
+// fault and end the CUDA context); the CUTLASS kernels are in conv_fprop.cuh and
+// conv_backward.cuh, the per-channel passes in channel_kernels.cu.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,6 +25,15 @@ namespace fused_resnet {
 namespace {
 
 constexpr int kVectorElements = 8;  // 16-byte accesses of fp16/bf16 in every CUTLASS kernel
+constexpr uintptr_t kAlignmentBytes = 16;
+
+// The CUTLASS kernels are sm_80 code (cp.async, bf16 mma.sync): older GPUs cannot run them.
+void check_compute_capability(const char* op, const at::Tensor& x) {
+  const cudaDeviceProp* device = at::cuda::getDeviceProperties(x.get_device());
+  TORCH_CHECK(device->major >= 8, op, ": the CUTLASS kernels need a GPU of compute "
+              "capability 8.0 (Ampere) or newer; ", x.device(), " (", device->name,
+              ") has ", device->major, ".", device->minor);
+}
 
 void check_cuda_half(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D, got ", t.dim(), "-D");
@@ -45,6 +56,7 @@ ConvProblem conv_problem(const char* op, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(weight.size(2) % 2 == 1 && weight.size(3) % 2 == 1, op,
               ": the filter must have odd extents (same padding), got ", weight.sizes());
   TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
+  check_compute_capability(op, x);
   for (const auto& [name, channels] : {std::pair<const char*, int64_t>{"x", x.size(1)},
                                        {"weight", weight.size(0)}}) {
     TORCH_CHECK(channels % kVectorElements == 0, op, ": ", name, " has ", channels,
@@ -59,13 +71,27 @@ ConvProblem conv_problem(const char* op, const at::Tensor& x, const at::Tensor& 
   return p;
 }
 
+// `dense` itself when its data is 16-byte aligned, else an aligned copy (a fresh allocation
+// from the caching allocator is aligned): a slice of a larger tensor may start anywhere.
+at::Tensor aligned(const at::Tensor& dense, at::MemoryFormat format) {
+  if (reinterpret_cast<uintptr_t>(dense.const_data_ptr()) % kAlignmentBytes == 0) return dense;
+  return dense.clone(format);
+}
+
 // t in channels_last, dense and 16-byte aligned, as the kernels read it.
 at::Tensor nhwc(const at::Tensor& t) {
-  at::Tensor dense = t.contiguous(at::MemoryFormat::ChannelsLast);
-  if (reinterpret_cast<uintptr_t>(dense.data_ptr()) % 16 != 0) {
-    dense = dense.clone(at::MemoryFormat::ChannelsLast);
-  }
-  return dense;
+  return aligned(t.contiguous(at::MemoryFormat::ChannelsLast), at::MemoryFormat::ChannelsLast);
+}
+
+// A per-channel vector as the kernels read it: `dtype`, dense, 16-byte aligned.
+at::Tensor channel_vector(const at::Tensor& v, at::ScalarType dtype) {
+  return aligned(v.to(dtype).contiguous(), at::MemoryFormat::Contiguous);
+}
+
+// conv_launch_plan for this op's launch on x's GPU.
+LaunchPlan launch_plan(ConvKernel kernel, const ConvProblem& p, const at::Tensor& x) {
+  return conv_launch_plan(kernel, p,
+                          at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount);
 }
 
 at::Tensor output_nhwc(const at::Tensor& x, int n, int c, int h, int w) {
@@ -85,7 +111,7 @@ std::pair<at::Tensor, at::Tensor> prologue_vectors(const char* op, const at::Ten
                 name, " must be a vector of x.size(1) = ", x.size(1), " elements on ",
                 x.device(), ", got shape ", v.sizes(), " on ", v.device());
   }
-  return {scale->to(x.scalar_type()).contiguous(), shift->to(x.scalar_type()).contiguous()};
+  return {channel_vector(*scale, x.scalar_type()), channel_vector(*shift, x.scalar_type())};
 }
 
 void check_output_gradient(const char* op, const at::Tensor& grad, const ConvProblem& p,
@@ -98,7 +124,7 @@ void check_output_gradient(const char* op, const at::Tensor& grad, const ConvPro
               grad.scalar_type());
 }
 
-at::Tensor float_vector(const at::Tensor& v) { return v.to(at::kFloat).contiguous(); }
+at::Tensor float_vector(const at::Tensor& v) { return channel_vector(v, at::kFloat); }
 
 at::Tensor empty_statistics(const at::Tensor& x) {
   return at::empty({0}, x.options().dtype(at::kFloat));
@@ -154,7 +180,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv(
     residual = nhwc(*residual_in);
   }
   if (y.numel() > 0) {
-    FpropLaunch launch{p, x.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr()};
+    const LaunchPlan plan = launch_plan(
+        scale_vec.defined() ? ConvKernel::kFpropPrologue : ConvKernel::kFprop, p, x);
+    FpropLaunch launch{p, plan, x.const_data_ptr(), weight.const_data_ptr(),
+                       y.mutable_data_ptr()};
     if (scale_vec.defined()) {
       launch.in_scale = scale_vec.const_data_ptr();
       launch.in_shift = shift_vec.const_data_ptr();
@@ -185,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv_dgrad(
   const at::Tensor x = nhwc(x_in);
   at::Tensor grad_input = output_nhwc(x, p.n, p.c, p.h, p.w);
   if (grad_input.numel() > 0) {
-    const DgradLaunch launch{p, grad.const_data_ptr(), weight.const_data_ptr(),
-                             grad_input.mutable_data_ptr()};
+    const DgradLaunch launch{p, launch_plan(ConvKernel::kDgrad, p, x), grad.const_data_ptr(),
+                             weight.const_data_ptr(), grad_input.mutable_data_ptr()};
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     is_half(x) ? conv_dgrad_f16(launch, stream) : conv_dgrad_bf16(launch, stream);
   }
@@ -207,22 +236,29 @@ at::Tensor cuda_conv_wgrad(const at::Tensor& grad_in, const at::Tensor& x_in,
   const auto [scale_vec, shift_vec] = prologue_vectors(op, x_in, in_scale, in_shift);
   const at::Tensor grad = nhwc(grad_in);
   const at::Tensor x = nhwc(x_in);
-  const auto options =
-      x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast);
-  // An empty batch contributes nothing: the kernel, which writes every element, never runs.
-  at::Tensor grad_weight =
-      grad.numel() > 0 ? at::empty(weight.sizes(), options) : at::zeros(weight.sizes(), options);
-  if (grad.numel() > 0) {
-    WgradLaunch launch{p, grad.const_data_ptr(), x.const_data_ptr(),
-                       grad_weight.mutable_data_ptr<float>()};
-    if (scale_vec.defined()) {
-      launch.in_scale = scale_vec.const_data_ptr();
-      launch.in_shift = shift_vec.const_data_ptr();
-    }
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    is_half(x) ? conv_wgrad_f16(launch, stream) : conv_wgrad_bf16(launch, stream);
+  // An empty batch contributes nothing: the kernels, which write every element, never run.
+  if (grad.numel() == 0) return at::zeros_like(weight);
+  // In the weight's layout (as the op's fake says); the kernels write KRSC (channels_last).
+  at::Tensor grad_weight = at::empty_like(weight);
+  const at::Tensor krsc = grad_weight.is_contiguous(at::MemoryFormat::ChannelsLast)
+                              ? grad_weight
+                              : at::empty(weight.sizes(), x.options().memory_format(
+                                                              at::MemoryFormat::ChannelsLast));
+  const LaunchPlan plan = launch_plan(
+      scale_vec.defined() ? ConvKernel::kWgradPrologue : ConvKernel::kWgrad, p, x);
+  // The slices' fp32 partial sums, [split_k, K, R, S, C].
+  const at::Tensor partials =
+      at::empty({plan.split_k, p.k, p.r, p.s, p.c}, x.options().dtype(at::kFloat));
+  WgradLaunch launch{p, plan, grad.const_data_ptr(), x.const_data_ptr(), krsc.mutable_data_ptr(),
+                     partials.mutable_data_ptr<float>()};
+  if (scale_vec.defined()) {
+    launch.in_scale = scale_vec.const_data_ptr();
+    launch.in_shift = shift_vec.const_data_ptr();
   }
-  return at::empty_like(weight).copy_(grad_weight);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  is_half(x) ? conv_wgrad_f16(launch, stream) : conv_wgrad_bf16(launch, stream);
+  if (!krsc.is_same(grad_weight)) grad_weight.copy_(krsc);
+  return grad_weight;
 }
 
 std::tuple<at::Tensor, at::Tensor> cuda_channel_stats(const at::Tensor& x) {

@@ -22,15 +22,46 @@
 
 namespace fused_resnet::cutlass_conv {
 
-using ThreadblockShape = cutlass::gemm::GemmShape<128, 128, 32>;
-using WarpShape = cutlass::gemm::GemmShape<64, 64, 32>;
 using InstructionShape = cutlass::gemm::GemmShape<16, 8, 16>;
-constexpr int kStages = 4;
+
+// The two tile configurations of every kernel (implicit GEMM M x N x K per threadblock).
+// Large: 128x128, four 64x64 warps, the throughput tile. Small: 64x64, four 32x32 warps, a
+// quarter of the area, for problems whose large-tile grid has fewer threadblocks than the GPU
+// has multiprocessors (late-stage layers at small batch) and for wgrad's 64-channel layers,
+// where half of a 128-row tile would be padding. conv_launch_plan picks one per launch.
+// PrologueWgradWarp: the BN-ReLU wgrad's warps. Its operand transform holds scale/bias
+// fragments besides the accumulators: with four 64x64 warps ptxas spilled 52 (bf16) and 80
+// (fp16) bytes on sm_90 at the 255-register cap; eight 64x32 warps take 187-189 registers and
+// no spill (tools/cuda_gate.py's table).
+struct LargeTile {
+  using Threadblock = cutlass::gemm::GemmShape<128, 128, 32>;
+  using Warp = cutlass::gemm::GemmShape<64, 64, 32>;
+  using PrologueWgradWarp = cutlass::gemm::GemmShape<64, 32, 32>;
+  static constexpr int kStages = 4;
+};
+struct SmallTile {
+  using Threadblock = cutlass::gemm::GemmShape<64, 64, 32>;
+  using Warp = cutlass::gemm::GemmShape<32, 32, 32>;
+  using PrologueWgradWarp = Warp;
+  static constexpr int kStages = 5;
+};
 using Nhwc = cutlass::layout::TensorNHWC;
 
-inline cutlass::conv::Conv2dProblemSize problem_size(const ConvProblem& p) {
+inline cutlass::conv::Conv2dProblemSize problem_size(const ConvProblem& p, int split_k = 1) {
   return {p.n, p.h, p.w, p.c, p.k, p.r, p.s, p.p, p.q, p.r / 2, p.s / 2, p.stride, p.stride,
-          1, 1, cutlass::conv::Mode::kCrossCorrelation};
+          1, 1, cutlass::conv::Mode::kCrossCorrelation, split_k};
+}
+
+// The tiles, grid and slices of `Operator` (a CUTLASS device-level convolution) on `p`, from
+// the kernel's own tile shape and threadblock swizzle: what its launch will be.
+template <typename Operator>
+LaunchPlan plan_of(const ConvProblem& p, int split_k) {
+  using Tile = typename Operator::ThreadblockShape;
+  const cutlass::gemm::GemmCoord tiles =
+      typename Operator::ThreadblockSwizzle().get_tiled_shape(
+          Operator::kConvolutionalOperator, problem_size(p, split_k),
+          {Tile::kM, Tile::kN, Tile::kK}, split_k);
+  return {Tile::kM, Tile::kN, Tile::kK, tiles.m(), tiles.n(), tiles.k()};
 }
 
 template <typename Element>
@@ -61,18 +92,30 @@ cutlass::TensorRef<Element, cutlass::layout::RowMajor> channel_vector(const void
   return {static_cast<Element*>(const_cast<void*>(data)), cutlass::layout::RowMajor(channels)};
 }
 
+// Whether `plan` (conv_launch_plan's, which the op launched by) is what `Operator` makes of
+// `p`: a launcher that picked another kernel than the plan says would fail here, not launch a
+// grid that the CPU gate never saw.
+template <typename Operator>
+void check_plan(const ConvProblem& p, const LaunchPlan& plan, const char* what) {
+  const LaunchPlan own = plan_of<Operator>(p, plan.split_k);
+  TORCH_CHECK(own.tile_m == plan.tile_m && own.tile_n == plan.tile_n &&
+                  own.tile_k == plan.tile_k && own.grid_m == plan.grid_m &&
+                  own.grid_n == plan.grid_n,
+              "fused_resnet ", what, ": the kernel's tiles differ from the launch plan's");
+}
+
 // Checks that CUTLASS takes the problem, then runs it on `stream`. `what` names the kernel in
-// the error. No workspace: every kernel here runs without split-K.
+// the error. `workspace`: what a split-K launch asks for (the caller sized it from the plan).
 template <typename Operator>
 void launch_operator(const typename Operator::Arguments& arguments, cudaStream_t stream,
-            const char* what) {
+                     const char* what, void* workspace = nullptr) {
   Operator op;
   cutlass::Status status = op.can_implement(arguments);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet ", what,
               ": CUTLASS cannot run this problem (", cutlassGetStatusString(status), ")");
-  TORCH_CHECK(op.get_workspace_size(arguments) == 0, "fused_resnet ", what,
-              ": unexpected CUTLASS workspace request");
-  status = op.initialize(arguments, nullptr, stream);
+  TORCH_CHECK(workspace != nullptr || op.get_workspace_size(arguments) == 0, "fused_resnet ",
+              what, ": CUTLASS asks for a workspace that the launch did not provide");
+  status = op.initialize(arguments, workspace, stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet ", what,
               ": CUTLASS initialization failed (", cutlassGetStatusString(status), ")");
   status = op.run(stream);

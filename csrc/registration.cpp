@@ -9,7 +9,49 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <iterator>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "conv_kernels.h"
 #include "scale_shift_add_relu.h"
+
+namespace fused_resnet {
+namespace {
+
+// conv_launch_plan for Python (the CPU gate, tools/cuda_gate.py): the kernel by name, the
+// problem as [n, h, w, c, k, r, s, stride] ("same" padding); returns
+// [tile_m, tile_n, tile_k, grid_m, grid_n, split_k].
+std::vector<int64_t> conv_launch_plan_op(const std::string& kernel, at::IntArrayRef problem,
+                                         int64_t sm_count) {
+  static const std::pair<std::string_view, ConvKernel> kKernels[] = {
+      {"fprop", ConvKernel::kFprop},
+      {"fprop_prologue", ConvKernel::kFpropPrologue},
+      {"dgrad", ConvKernel::kDgrad},
+      {"wgrad", ConvKernel::kWgrad},
+      {"wgrad_prologue", ConvKernel::kWgradPrologue}};
+  const auto* found = std::find_if(std::begin(kKernels), std::end(kKernels),
+                                   [&](const auto& entry) { return entry.first == kernel; });
+  TORCH_CHECK(found != std::end(kKernels), "conv_launch_plan: kernel must be one of fprop, "
+              "fprop_prologue, dgrad, wgrad, wgrad_prologue; got '", kernel, "'");
+  TORCH_CHECK(problem.size() == 8, "conv_launch_plan: problem must be [n, h, w, c, k, r, s, "
+              "stride], got ", problem);
+  ConvProblem p;
+  p.n = problem[0], p.h = problem[1], p.w = problem[2], p.c = problem[3];
+  p.k = problem[4], p.r = problem[5], p.s = problem[6], p.stride = problem[7];
+  TORCH_CHECK(p.stride >= 1 && p.r % 2 == 1 && p.s % 2 == 1, "conv_launch_plan: odd filter "
+              "extents and a stride >= 1 expected, got ", problem);
+  p.p = (p.h + 2 * (p.r / 2) - p.r) / p.stride + 1;
+  p.q = (p.w + 2 * (p.s / 2) - p.s) / p.stride + 1;
+  const LaunchPlan plan = conv_launch_plan(found->second, p, static_cast<int>(sm_count));
+  return {plan.tile_m, plan.tile_n, plan.tile_k, plan.grid_m, plan.grid_n, plan.split_k};
+}
+
+}  // namespace
+}  // namespace fused_resnet
 
 TORCH_LIBRARY(fused_resnet, m) {
   m.def("scale_shift_add_relu(Tensor x, Tensor scale, Tensor shift, Tensor? residual, "
@@ -28,6 +70,9 @@ TORCH_LIBRARY(fused_resnet, m) {
         "-> (Tensor, Tensor)");
   m.def("bn_update_running_stats(Tensor mean, Tensor var, Tensor(a!) running_mean, "
         "Tensor(b!) running_var, float factor, int count) -> ()");
+  // Host arithmetic, no tensors: runs anywhere, a machine without a GPU included.
+  m.def("conv_launch_plan(str kernel, int[] problem, int sm_count) -> int[]",
+        &fused_resnet::conv_launch_plan_op);
 }
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {

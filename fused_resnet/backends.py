@@ -112,6 +112,11 @@ def _cuda_why_not(x: torch.Tensor, arguments: dict, for_auto: bool) -> Optional[
     reasons = []
     if x.device.type not in _FUSED_DEVICES[1:]:
         reasons.append(f"the input is on {x.device}, the cuda backend needs CUDA tensors")
+    elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(x.device)
+        reasons.append(f"{x.device} ({torch.cuda.get_device_name(x.device)}) has compute "
+                       f"capability {major}.{minor}; the cuda backend's CUTLASS kernels need "
+                       "8.0 (Ampere) or newer")
     weights = conv_weights(arguments)
     mismatched = [w.dtype for w in weights if w.dtype != x.dtype]
     if x.dtype not in _CUDA_DTYPES:

@@ -192,7 +192,88 @@ def test_auto_does_not_route_to_cuda_before_its_gpu_suite_has_run():
     assert "the input is on cpu" in backends.BACKENDS["cuda"].why_not(x, {}, False)
 
 
+def _launch_plan(kernel, problem, sm_count):
+    tile_m, tile_n, tile_k, grid_m, grid_n, split_k = \
+        torch.ops.fused_resnet.conv_launch_plan(kernel, problem, sm_count)
+    return dict(tile=(tile_m, tile_n, tile_k), blocks=grid_m * grid_n * split_k,
+                split_k=split_k)
+
+
+@pytest.mark.parametrize("sm_count", [132, 108, 1000])
+@pytest.mark.parametrize("kernel", ["wgrad", "wgrad_prologue"])
+def test_wgrad_is_split_to_fill_the_gpu_while_slices_keep_two_iterations(kernel, sm_count):
+    # ResNet-50's first 3x3 at batch 32: 1 x 9 small tiles, 3136 iterations of 32 pixels.
+    plan = _launch_plan(kernel, [32, 56, 56, 64, 64, 3, 3, 1], sm_count)
+    assert plan["tile"] == (64, 64, 32)  # 64 output channels: the 64-row tile
+    assert plan["blocks"] >= sm_count and plan["split_k"] <= 3136 // 2
+    # Too few pixels for that many slices: at most one slice per two iterations.
+    assert _launch_plan(kernel, [1, 8, 8, 64, 64, 3, 3, 1], sm_count)["split_k"] == 1
+    # Enough output tiles already (stage 4, 4 x 36 large tiles at 132 SMs): no slicing.
+    assert _launch_plan(kernel, [32, 7, 7, 512, 512, 3, 3, 1], 132)["split_k"] == 1
+
+
+@pytest.mark.parametrize("kernel", ["fprop", "fprop_prologue", "dgrad"])
+def test_small_tiles_only_where_large_ones_leave_multiprocessors_idle(kernel):
+    # Stage 4 at batch 32: 13 x 4 large tiles < 132 SMs; at batch 256, 98 x 4.
+    assert _launch_plan(kernel, [32, 7, 7, 512, 512, 3, 3, 1], 132)["tile"] == (64, 64, 32)
+    assert _launch_plan(kernel, [256, 7, 7, 512, 512, 3, 3, 1], 132)["tile"] == (128, 128, 32)
+
+
+@pytest.mark.parametrize("kernel, problem, message", [
+    ("conv", [1, 8, 8, 8, 8, 3, 3, 1], "kernel must be one of fprop, .* got 'conv'"),
+    ("fprop", [1, 8, 8, 8, 8, 3, 3], r"problem must be \[n, h, w, c, k, r, s, stride\]"),
+    ("fprop", [1, 8, 8, 8, 8, 2, 2, 1], "odd filter extents"),
+])
+def test_launch_plan_names_a_bad_argument(kernel, problem, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fused_resnet.conv_launch_plan(kernel, problem, 132)
+
+
+def test_cuda_backend_refuses_gpus_older_than_ampere(monkeypatch):
+    # A fake CUDA tensor stands for the input: its device is all the check reads.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 4, 4, dtype=torch.half, device="cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    reason = backends.BACKENDS["cuda"].why_not(x, {}, False)
+    assert "Tesla T4) has compute capability 7.5" in reason and "8.0 (Ampere)" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert backends.BACKENDS["cuda"].why_not(x, {}, False) is None
+
+
 # --- on a GPU ------------------------------------------------------------------------------
+
+# The conv shapes run on a GPU. On a 132-SM GPU (H100, H200) they take both tile
+# configurations of each kernel, and wgrad's split-K (test_gpu_conv_shapes_take_every_tile).
+GPU_CONV_SHAPES = {
+    "b1-9x7-s1": dict(batch=1, h=9, w=7, stride=1),
+    "b3-7x5-s2": dict(batch=3, h=7, w=5, stride=2),
+    "b2-14x14-s2-64to128": dict(batch=2, h=14, w=14, stride=2, c_in=64, c_out=128),
+    "b0": dict(batch=0, h=5, w=5, stride=1),
+    "b8-28x28-s1-64to64-splitk": dict(batch=8, h=28, w=28, stride=1, c_in=64, c_out=64),
+    "b8-56x56-s1-64to128-large": dict(batch=8, h=56, w=56, stride=1, c_in=64, c_out=128),
+    "b32-56x56-s2-64to128-large": dict(batch=32, h=56, w=56, stride=2, c_in=64, c_out=128),
+}
+
+
+def test_gpu_conv_shapes_take_every_tile():
+    taken = set()
+    for shape in GPU_CONV_SHAPES.values():
+        shape = {**dict(c_in=8, c_out=16, batch=3), **shape}
+        problem = [shape["batch"], shape["h"], shape["w"], shape["c_in"], shape["c_out"], 3, 3,
+                   shape["stride"]]
+        if shape["batch"] == 0:  # no launch
+            continue
+        for kernel in ("fprop", "fprop_prologue", "dgrad", "wgrad", "wgrad_prologue"):
+            plan = _launch_plan(kernel, problem, 132)
+            taken.add((kernel, shape["stride"] if kernel == "dgrad" else 1, plan["tile"][0],
+                       plan["split_k"] > 1))
+    for kernel in ("fprop", "fprop_prologue", "dgrad"):
+        for stride in ((1, 2) if kernel == "dgrad" else (1,)):
+            assert {(kernel, stride, 128, False), (kernel, stride, 64, False)} <= taken
+    for kernel in ("wgrad", "wgrad_prologue"):
+        assert {(kernel, 1, 64, True), (kernel, 1, 128, True)} <= taken, taken
 
 @pytest.fixture
 def poisoned_cuda_memory():
@@ -226,11 +307,7 @@ def _op_results(arguments, run):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fusion", CONV_FUSIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [dict(batch=1, h=9, w=7, stride=1),
-                                   dict(batch=3, h=7, w=5, stride=2),
-                                   dict(batch=2, h=14, w=14, stride=2, c_in=64, c_out=128),
-                                   dict(batch=0, h=5, w=5, stride=1)],
-                         ids=["b1-9x7-s1", "b3-7x5-s2", "b2-14x14-s2-64to128", "b0"])
+@pytest.mark.parametrize("shape", GPU_CONV_SHAPES.values(), ids=GPU_CONV_SHAPES.keys())
 def test_cuda_conv_forward_and_backward_within_eager_error(fusion, dtype, shape,
                                                            poisoned_cuda_memory):
     arguments = _conv_arguments(fusion, torch.float64, "cuda", **shape)
@@ -240,6 +317,23 @@ def test_cuda_conv_forward_and_backward_within_eager_error(fusion, dtype, shape,
     fused = _op_results(cast, cuda_ops.cuda_conv)
     assert fused["y"].is_contiguous(memory_format=torch.channels_last)
     assert errors_beyond_eager(fused, eager, truth) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion", ["prologue", "prologue_statistics"])
+def test_cuda_conv_reads_vectors_that_start_off_alignment(fusion, poisoned_cuda_memory):
+    # Per-channel vectors sliced from a larger tensor start 2 bytes past a 16-byte boundary;
+    # CUTLASS reads them in 16-byte vectors, so the op must hand it aligned copies.
+    arguments = _conv_arguments(fusion, torch.float16, "cuda", c_in=16)
+    for name in ("in_scale", "in_shift"):
+        padded = torch.empty(17, dtype=torch.float16, device="cuda")
+        padded[1:] = arguments[name]
+        arguments[name] = padded[1:]
+    aligned = {k: v.clone() if k.startswith("in_") else v for k, v in arguments.items()}
+    sliced = _op_results(arguments, cuda_ops.cuda_conv)
+    expected = _op_results(aligned, cuda_ops.cuda_conv)
+    for name, value in expected.items():
+        torch.testing.assert_close(sliced[name], value, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.gpu
