@@ -18,6 +18,7 @@
 
 #include <tuple>
 
+#include "batch_norm_finalize.h"
 #include "channel_kernels.h"
 #include "conv_kernels.h"
 
@@ -154,14 +155,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv(
   const at::Tensor x = nhwc(x_in);
   // An epilogue scale is folded into the weight (per output channel), so the kernel's
   // epilogue needs only a bias vector: W' = W * out_scale[k].
-  at::Tensor weight = weight_in;
+  at::Tensor weight = nhwc(weight_in);
   if (out_scale.has_value()) {
     TORCH_CHECK(out_scale->dim() == 1 && out_scale->size(0) == p.k, op,
                 ": out_scale must be a vector of weight.size(0) = ", p.k, " elements");
-    weight = (weight_in.to(at::kFloat) * out_scale->to(at::kFloat).view({-1, 1, 1, 1}))
-                 .to(weight_in.scalar_type());
+    weight = scaled_filters_cuda(weight, *out_scale);
   }
-  weight = nhwc(weight);
   at::Tensor bias;
   if (out_shift.has_value()) {
     TORCH_CHECK(out_shift->dim() == 1 && out_shift->size(0) == p.k, op,

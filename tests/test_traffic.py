@@ -48,6 +48,23 @@ def test_conv_relu_step_matches_a_count_by_hand():
         y_shape, y_shape, y_shape, x_shape, w_shape)
 
 
+def test_a_conversion_or_layout_copy_is_a_launch_outside_autograd():
+    # to() and contiguous() reach the counter undecomposed without autograd; when they
+    # copy, that copy is a launch (reading the input, writing the result).
+    with torch.device("meta"):
+        x = torch.empty(2, 3, 4, 5, dtype=torch.bfloat16)
+
+    def step():
+        with torch.no_grad():
+            x.float()
+            x.contiguous(memory_format=torch.channels_last)
+            x.to(torch.bfloat16)  # no conversion: x itself, no launch
+            x.contiguous()
+    counted = traffic.count(nn.Identity(), step, [x])
+    assert counted["launches"] == 2
+    assert counted["bytes"] == (x.numel() * 2 + x.numel() * 4) + 2 * x.numel() * 2
+
+
 def test_views_and_allocations_are_not_launches():
     with torch.device("meta"):
         x = torch.empty(4, 6)
@@ -100,11 +117,11 @@ def _ratio(counts, backend, mode, key):
 
 # Ceilings: the plans' ratios to eager as counted at this commit, rounded up. A change
 # that adds traffic fails here; lower a ceiling when the plan improves.
-CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 4.36},
-            ("train", "bytes"): {"triton": 0.795, "cuda": 2.38},
+CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 5.71},
+            ("train", "bytes"): {"triton": 0.795, "cuda": 2.44},
             ("train", "saved_bytes"): {"triton": 0.78, "cuda": 0.85},
-            ("eval", "launches"): {"triton": 0.63, "cuda": 0.635},
-            ("eval", "bytes"): {"triton": 0.395, "cuda": 0.446}}
+            ("eval", "launches"): {"triton": 0.63, "cuda": 0.935},
+            ("eval", "bytes"): {"triton": 0.395, "cuda": 0.449}}
 # Issue #12's targets for the plans, and those not met yet (strict xfails: a plan that
 # meets one fails its xfail, and the mark comes off).
 TARGETS = {("train", "launches"): 1.0, ("train", "bytes"): 0.8,
@@ -150,8 +167,9 @@ class _RealRunCounter(traffic.TrafficCounter):
                for frame in traceback.extract_stack()):
             return func(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
-        if traffic._is_launch(func):
-            self._count(name, traffic._tensors((args, kwargs)) + traffic._tensors(out))
+        inputs, outputs = traffic._tensors((args, kwargs)), traffic._tensors(out)
+        if traffic._is_launch(func) or traffic._copied(func, inputs, outputs):
+            self._count(name, inputs + outputs)
         return out
 
 

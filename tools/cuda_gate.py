@@ -93,9 +93,10 @@ def record_launches() -> list[Launch]:
         for batch in BATCHES:
             workload = workloads.model_workload(model, mode, batch, IMAGE_SIZE, "meta",
                                                 torch.bfloat16, torch.channels_last)
-            module = workloads.contender_module("cuda", workload.module)
+            step, _ = traffic.workload_step(
+                workloads.contender_module("cuda", workload.module), workload)
             with Recorder():
-                traffic.count_workload(module, workload)
+                step()
     if not launches:
         raise RuntimeError("the cuda plans made no CUTLASS launch: are the ops renamed?")
     return sorted(launches)

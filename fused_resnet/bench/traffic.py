@@ -7,7 +7,8 @@ Counting rules (the same for every contender; benchmarks/README.md explains them
 * a launch is every op call that reaches the dispatcher, aten or the project's C++ ops
   (through their fake implementations), except views and metadata ops
   (:data:`NOT_LAUNCHES`: no kernel runs) and allocations without initialization
-  (``empty*``);
+  (``empty*``); an op that may return a view (``to``, ``contiguous``, ``reshape``) is a
+  launch when it returned a copy;
 * an op's bytes are the storage sizes of its tensor inputs and outputs, each storage
   counted once per call;
 * saved bytes are the distinct storages autograd packs for backward
@@ -16,7 +17,9 @@ Counting rules (the same for every contender; benchmarks/README.md explains them
 
 The project's Triton ops count by what their implementations do: each kernel they
 launch (recorded, not run: its tensor arguments' storages as bytes) and each aten call
-they make besides (the rules above). The C++ ops count as one launch each, by the rules.
+they make besides (the rules above). The C++ ops count by their declared models
+(:mod:`fused_resnet.cuda_launches`): the CUDA kernels and memsets each launches, with the
+tensors they touch, and the ATen calls its C++ code makes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from fused_resnet import cuda_launches
+
 # What the counter can count: eager PyTorch and the fused backends (torch.compile's
 # contenders run generated code that dispatch does not see).
 CONTENDERS = ["eager", "reference", "triton", "cuda"]
@@ -37,7 +42,8 @@ CONTENDERS = ["eager", "reference", "triton", "cuda"]
 NOT_LAUNCHES = {"detach", "alias", "lift_fresh", "empty", "empty_like", "empty_strided",
                 "new_empty", "new_empty_strided", "_reshape_alias", "set_", "resize_",
                 "promote_types", "sym_size", "sym_stride", "sym_numel",
-                "sym_storage_offset", "is_same_size", "_local_scalar_dense"}
+                "sym_storage_offset", "is_same_size", "_local_scalar_dense",
+                "conv_launch_plan"}  # the last: host arithmetic (fused_resnet._C's plans)
 
 
 # Ops whose meta kernels give NCHW results where cuDNN gives channels_last ones (cuDNN
@@ -76,6 +82,15 @@ def _is_launch(func) -> bool:
     return not func.is_view and _op_name(func) not in NOT_LAUNCHES
 
 
+def _copied(func, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
+    """Whether an aliasing op (``to``, ``contiguous``, ``reshape``: their schemas say they
+    may return a view) made a copy: a result in a storage none of its inputs has. Outside
+    autograd these reach the counter undecomposed, so their copy (``_to_copy``, ``clone``)
+    is not seen on its own."""
+    sources = {_storage_key(t) for t in inputs}
+    return func.is_view and any(_storage_key(t) not in sources for t in outputs)
+
+
 def _project_implementations() -> dict[str, Callable]:
     try:
         from fused_resnet import triton_ops
@@ -98,7 +113,9 @@ class TrafficCounter(TorchDispatchMode):
     runs on the meta tensors with each kernel launch recorded instead of run (one launch,
     the storages of its tensor arguments as bytes), so the aten calls they make besides
     their kernels (buffers, reductions finished in PyTorch, layout copies) count too.
-    Ops without a Python implementation (the C++ ones) count as one launch by the rule.
+    The C++ ops are counted the same way through their models in
+    :mod:`fused_resnet.cuda_launches`, which make the ATen calls the C++ code makes and
+    record each CUDA kernel it launches.
     """
 
     def __init__(self) -> None:
@@ -151,12 +168,17 @@ class TrafficCounter(TorchDispatchMode):
             from fused_resnet.kernels import tuning
             with tuning.launches_recorded(self._record_kernel), self:
                 return implementation(*args, **kwargs)
+        model = cuda_launches.MODELS.get(name) if namespace == "fused_resnet" else None
+        if model is not None:
+            with self:
+                return model(self._count, *args, **kwargs)
         out = _as_cudnn_lays_out(func, args, func(*args, **kwargs))
         outputs = _tensors(out)
+        inputs = _tensors((args, kwargs))
         for t in outputs:
             self._track(t)
-        if _is_launch(func):
-            self._count(name, _tensors((args, kwargs)) + outputs)
+        if _is_launch(func) or _copied(func, inputs, outputs):
+            self._count(name, inputs + outputs)
         return out
 
 
@@ -200,18 +222,19 @@ def count(module: nn.Module, step: Callable[[], object], inputs: Iterable[torch.
                                                  key=lambda item: -item[1][1])}}
 
 
-def count_workload(module: nn.Module, workload) -> dict:
-    """:func:`count` of one step of ``workload`` (a meta-device
-    :class:`fused_resnet.bench.workloads.Workload`) on ``module``: forward and backward
-    in training (a model's loss is the mean square of its output; a block's output
-    gradient is given), the forward without autograd in eval."""
+def workload_step(module: nn.Module, workload) -> tuple[Callable[[], None], list]:
+    """``(step, inputs)``: one step of ``workload`` (a meta-device
+    :class:`fused_resnet.bench.workloads.Workload`) on ``module``, forward and backward in
+    training (a model's loss is the mean square of its output; a block's output gradient
+    is given), the forward without autograd in eval; ``inputs``, the tensors it reads that
+    exist before it."""
     x = workload.input
     module.train(workload.mode == "train")
     if workload.mode == "eval":
         def step():
             with torch.no_grad():
                 module(x)
-        return count(module, step, [x])
+        return step, [x]
     x = x.detach().requires_grad_(workload.block is not None)
     grad_output = None if workload.block is None else torch.empty_like(module(x))
 
@@ -221,4 +244,10 @@ def count_workload(module: nn.Module, workload) -> dict:
             output.float().square().mean().backward()
         else:
             output.backward(grad_output)
-    return count(module, step, [x] + ([] if grad_output is None else [grad_output]))
+    return step, [x] + ([] if grad_output is None else [grad_output])
+
+
+def count_workload(module: nn.Module, workload) -> dict:
+    """:func:`count` of one step of ``workload`` on ``module`` (:func:`workload_step`)."""
+    step, inputs = workload_step(module, workload)
+    return count(module, step, inputs)

@@ -1,0 +1,209 @@
+"""What each C++/CUDA op of ``fused_resnet._C`` launches on a GPU, declared for the traffic
+counter (:mod:`fused_resnet.bench.traffic`), which cannot see inside a C++ op on the meta
+device.
+
+Each model below takes the op's arguments (meta tensors) and a ``record(kernel_name,
+tensors)`` callback, and does what the C++ implementation does: the ATen calls it makes
+(dtype conversions of per-channel vectors, layout copies, zero-filled buffers, the
+weight fold of an epilogue scale), which the counter counts by its usual rule as they
+run, and one ``record`` per CUDA kernel or memset it launches, with the tensors that kernel
+reads and writes. It returns the op's outputs (as its fake does). The C++ code each model
+follows is named in its docstring; ``tests/test_cuda_ops.py`` checks every model against
+the kernels a real call launches (CUDA profiler, on a GPU).
+
+Launch plans (tile, split-K) are those for :data:`SM_COUNT` multiprocessors, an H100 or
+H200, the GPUs the benchmarks target.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet import op_support
+
+SM_COUNT = 132
+# csrc/channel_kernels.cu's grid: 16-byte vectors, 8 vectors x 32 rows per block, about
+# eight blocks per multiprocessor.
+_VECTOR_BYTES, _VECTORS_PER_BLOCK, _ROW_LANES, _BLOCKS_PER_SM = 16, 8, 32, 8
+
+Record = Callable[[str, list], None]
+
+
+def _nhwc(t: Optional[Tensor]) -> Optional[Tensor]:
+    """conv_ops.cpp ``nhwc``: channels_last (a copy when it is not; an aligned copy of a
+    misaligned tensor, which meta tensors never are)."""
+    return None if t is None else op_support.channels_last(t)
+
+
+def _vector(v: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """conv_ops.cpp ``channel_vector``: ``dtype``, dense."""
+    return None if v is None else v.to(dtype).contiguous()
+
+
+def _partials(x: Tensor, floats_per_state: int) -> Tensor:
+    """channel_kernels.cu ``partials_buffer``: one state per (row block, channel)."""
+    channels = x.shape[1]
+    width = _VECTOR_BYTES // x.element_size()
+    channel_blocks = -(-channels // (_VECTORS_PER_BLOCK * width))
+    rows = x.numel() // channels
+    row_blocks = max(1, min(max(SM_COUNT * _BLOCKS_PER_SM // channel_blocks, 1),
+                            -(-rows // _ROW_LANES)))
+    return x.new_empty((row_blocks * channels, floats_per_state), dtype=torch.float32)
+
+
+def _channel_statistics(record: Record, x: Tensor) -> tuple[Tensor, Tensor]:
+    """channel_kernels.cu ``channel_statistics_cuda``: Welford partials, then a merge."""
+    mean = x.new_empty(x.shape[1], dtype=torch.float32)
+    var = torch.empty_like(mean)
+    if x.numel() == 0:
+        return mean.fill_(float("nan")), var.fill_(float("nan"))
+    partials = _partials(x, 3)
+    record("welford_partials_kernel", [x, partials])
+    record("welford_finish_kernel", [partials, mean, var])
+    return mean, var
+
+
+def _affine_relu_backward(record: Record, grad: Tensor, x: Tensor, scale, shift,
+                          output) -> tuple[Tensor, Tensor, Tensor]:
+    """channel_kernels.cu ``affine_relu_backward_cuda``: the masked pass with per-block
+    sums, then their merge, into zero-filled sums."""
+    grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+    total = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    dot = torch.zeros_like(total)
+    if x.numel() == 0:
+        return grad_x, dot, total
+    partials = _partials(x, 2)
+    record("affine_relu_backward_kernel",
+           [t for t in (grad, x, scale, shift, output, grad_x, partials) if t is not None])
+    record("sums_finish_kernel", [partials, total, dot])
+    return grad_x, dot, total
+
+
+def _plan(kernel: str, x: Tensor, weight: Tensor, stride: int) -> list[int]:
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    return torch.ops.fused_resnet.conv_launch_plan(kernel, [n, h, w, c, k, r, s, stride],
+                                                   SM_COUNT)
+
+
+def cuda_conv(record: Record, x, weight, stride, in_scale, in_shift, out_scale, out_shift,
+              residual, out_relu, statistics):
+    """conv_ops.cpp ``cuda_conv``."""
+    scale, shift = _vector(in_scale, x.dtype), _vector(in_shift, x.dtype)
+    x, weight = _nhwc(x), _nhwc(weight)
+    if out_scale is not None:  # folded into the weight
+        folded = torch.empty_like(weight, memory_format=torch.channels_last)
+        record("scaled_filters_kernel", [weight, out_scale.contiguous(), folded])
+        weight = folded
+    bias = _vector(out_shift, torch.float32)
+    y, _, _ = op_support.conv_fake(x, weight, stride, in_scale, in_shift, out_scale,
+                                   out_shift, residual, out_relu, False)
+    residual = _nhwc(residual)
+    if y.numel():
+        record("cutlass_fprop", [t for t in (x, weight, scale, shift, bias, residual, y)
+                                 if t is not None])
+    if not statistics:
+        empty = x.new_empty(0, dtype=torch.float32)
+        return y, empty, torch.empty_like(empty)
+    return (y, *_channel_statistics(record, y))
+
+
+def cuda_conv_dgrad(record: Record, grad, weight, x, stride, in_scale, in_shift):
+    """conv_ops.cpp ``cuda_conv_dgrad``: CUTLASS dgrad, then the prologue's backward."""
+    grad, weight, x = _nhwc(grad), _nhwc(weight), _nhwc(x)
+    grad_input = torch.empty_like(x, memory_format=torch.channels_last)
+    if grad_input.numel():
+        record("cutlass_dgrad", [grad, weight, grad_input])
+    if in_scale is None:
+        empty = x.new_empty(0, dtype=torch.float32)
+        return grad_input, empty, torch.empty_like(empty)
+    return _affine_relu_backward(record, grad_input, x, _vector(in_scale, torch.float32),
+                                 _vector(in_shift, torch.float32), None)
+
+
+def cuda_conv_wgrad(record: Record, grad, x, weight, stride, in_scale, in_shift):
+    """conv_ops.cpp ``cuda_conv_wgrad``: split-K CUTLASS wgrad into fp32 partials (zeroed
+    by CUTLASS's initialize when there are several slices), their reduction into the
+    weight's dtype, and a copy when the weight is not channels_last."""
+    scale, shift = _vector(in_scale, x.dtype), _vector(in_shift, x.dtype)
+    grad, x = _nhwc(grad), _nhwc(x)
+    if grad.numel() == 0:
+        return torch.zeros_like(weight)
+    grad_weight = torch.empty_like(weight)
+    krsc = grad_weight if grad_weight.is_contiguous(memory_format=torch.channels_last) else \
+        torch.empty(weight.shape, dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    kernel = "wgrad" if in_scale is None else "wgrad_prologue"
+    split_k = _plan(kernel, x, weight, stride)[5]
+    k, c, r, s = weight.shape
+    partials = x.new_empty((split_k, k, r, s, c), dtype=torch.float32)
+    if split_k > 1:
+        record("memset", [partials])
+    record("cutlass_wgrad", [t for t in (grad, x, scale, shift, partials) if t is not None])
+    record("cutlass_splitk_reduction", [partials, krsc])
+    if krsc is not grad_weight:
+        grad_weight.copy_(krsc)
+    return grad_weight
+
+
+def cuda_channel_stats(record: Record, x):
+    """conv_ops.cpp ``cuda_channel_stats``."""
+    return _channel_statistics(record, _nhwc(x))
+
+
+def affine_relu_backward(record: Record, grad, x, scale=None, shift=None, output=None):
+    """conv_ops.cpp ``affine_relu_backward``."""
+    return _affine_relu_backward(record, _nhwc(grad), _nhwc(x), _vector(scale, torch.float32),
+                                 _vector(shift, torch.float32), _nhwc(output))
+
+
+def scale_shift_add_relu(record: Record, x, scale, shift, residual, residual_scale,
+                         residual_shift, relu):
+    """scale_shift_add_relu_cuda.cu: the vectors in the compute type, one pass."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    vectors = [_vector(v, compute) for v in (scale, shift, residual_scale, residual_shift)]
+    y = torch.empty_like(x)
+    if x.numel():
+        record("scale_shift_add_relu_kernel",
+               [t for t in (x, residual, *vectors, y) if t is not None])
+    return y
+
+
+def bn_scale_shift(record: Record, mean, var, weight, bias, eps):
+    """batch_norm_finalize.cu ``bn_scale_shift_cuda``: statistics and parameters read in
+    their own dtypes (one dtype each, else converted to fp32), fp32 results converted to
+    the statistics' dtype when that is wider."""
+    stats = [mean.contiguous(), var.contiguous()] if var.dtype == mean.dtype else \
+        [_vector(mean, torch.float32), _vector(var, torch.float32)]
+    params = [p for p in (weight, bias) if p is not None]
+    if len({p.dtype for p in params}) > 1:
+        params = [_vector(p, torch.float32) for p in params]
+    scale = mean.new_empty(mean.numel(), dtype=torch.float32)
+    shift = torch.empty_like(scale)
+    if mean.numel() == 0:
+        return scale, shift
+    record("bn_scale_shift_kernel", [*stats, *params, scale, shift])
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    return scale.to(dtype), shift.to(dtype)
+
+
+def bn_update_running_stats(record: Record, mean, var, running_mean, running_var, factor,
+                            count):
+    """batch_norm_finalize.cu ``bn_update_running_stats_cuda``."""
+    if mean.numel() == 0:
+        return None
+    stats = [_vector(mean, torch.float32), _vector(var, torch.float32)]
+    record("bn_update_running_stats_kernel", [*stats, running_mean, running_var])
+    return None
+
+
+MODELS: dict[str, Callable] = {
+    "cuda_conv": cuda_conv, "cuda_conv_dgrad": cuda_conv_dgrad,
+    "cuda_conv_wgrad": cuda_conv_wgrad, "cuda_channel_stats": cuda_channel_stats,
+    "affine_relu_backward": affine_relu_backward,
+    "scale_shift_add_relu": scale_shift_add_relu, "bn_scale_shift": bn_scale_shift,
+    "bn_update_running_stats": bn_update_running_stats,
+}
