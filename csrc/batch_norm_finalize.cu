@@ -8,6 +8,11 @@
 //   bn_update_running_stats(mean, var, running_mean!, running_var!, factor, count)
 //       running = (1 - factor) * running + factor * batch, variance unbiased
 //       (var * count / (count - 1)); running statistics in their own dtype, math in fp32.
+//   bn_scale_shift_backward(grad_scale, grad_shift, mean, var, weight?, bias?, eps)
+//       -> [grad_mean, grad_var, grad_weight, grad_bias] (the last two empty when absent):
+//       with rstd = (var + eps)^(-1/2), g = grad_scale - grad_shift * mean,
+//       grad_mean = -grad_shift * weight * rstd, grad_var = -g * weight * rstd^3 / 2,
+//       grad_weight = g * rstd, grad_bias = grad_shift; in the inputs' dtypes.
 //   scaled_filters_cuda (batch_norm_finalize.h): an inference BN's scale folded into the
 //       conv's filters, one pass where the ATen expression took three launches.
 //
@@ -25,6 +30,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "batch_norm_finalize.h"
 
@@ -78,6 +84,26 @@ at::Tensor as_float(const at::Tensor& v) { return v.to(at::kFloat).contiguous();
 
 int blocks_for(int64_t channels) {
   return static_cast<int>((channels + kThreads - 1) / kThreads);
+}
+
+// One thread per channel; gradients of scale and shift in fp32, the rest in their dtypes.
+template <typename stat_t, typename param_t>
+__global__ void bn_scale_shift_backward_kernel(
+    const float* __restrict__ grad_scale, const float* __restrict__ grad_shift,
+    const stat_t* __restrict__ mean, const stat_t* __restrict__ var,
+    const param_t* __restrict__ weight, float eps, int channels, stat_t* __restrict__ grad_mean,
+    stat_t* __restrict__ grad_var, param_t* __restrict__ grad_weight,
+    param_t* __restrict__ grad_bias) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  const float rstd = rsqrtf(static_cast<float>(var[c]) + eps);
+  const float w = weight != nullptr ? static_cast<float>(weight[c]) : 1.f;
+  // d(loss)/d(scale) with the part that reaches scale through shift = bias - mean * scale.
+  const float through_scale = grad_scale[c] - grad_shift[c] * static_cast<float>(mean[c]);
+  grad_mean[c] = static_cast<stat_t>(-grad_shift[c] * w * rstd);
+  grad_var[c] = static_cast<stat_t>(through_scale * w * -0.5f * rstd * rstd * rstd);
+  if (grad_weight != nullptr) grad_weight[c] = static_cast<param_t>(through_scale * rstd);
+  if (grad_bias != nullptr) grad_bias[c] = static_cast<param_t>(grad_shift[c]);
 }
 
 // out[i] = weight[i] * scale[i / per_filter]: KRSC filters, one filter per output channel.
@@ -168,6 +194,64 @@ std::tuple<at::Tensor, at::Tensor> bn_scale_shift_cuda(const at::Tensor& mean,
   return {scale.to(dtype), shift.to(dtype)};
 }
 
+std::vector<at::Tensor> bn_scale_shift_backward_cuda(
+    const at::Tensor& grad_scale, const at::Tensor& grad_shift, const at::Tensor& mean,
+    const at::Tensor& var, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps) {
+  constexpr const char* op = "bn_scale_shift_backward";
+  TORCH_CHECK(mean.dim() == 1 && mean.is_cuda(), op, ": mean must be a CUDA vector, got ",
+              mean.sizes(), " on ", mean.device());
+  check_vector(op, "var", var, mean);
+  check_vector(op, "grad_scale", grad_scale, mean);
+  check_vector(op, "grad_shift", grad_shift, mean);
+  if (weight.has_value()) check_vector(op, "weight", *weight, mean);
+  if (bias.has_value()) check_vector(op, "bias", *bias, mean);
+  const c10::cuda::CUDAGuard device_guard(mean.device());
+  // As in bn_scale_shift: statistics in one dtype and parameters in one dtype are read as
+  // they are; a mix is computed in fp32 and converted back.
+  const bool same_stats = var.scalar_type() == mean.scalar_type();
+  const auto param_type = weight.has_value() ? weight->scalar_type()
+                          : bias.has_value() ? bias->scalar_type() : mean.scalar_type();
+  const bool same_params = (!weight.has_value() || weight->scalar_type() == param_type) &&
+                           (!bias.has_value() || bias->scalar_type() == param_type);
+  const auto stat_type = same_stats ? mean.scalar_type() : at::kFloat;
+  const auto weight_type = same_params ? param_type : at::kFloat;
+  const at::Tensor mean_d = mean.to(stat_type).contiguous();
+  const at::Tensor var_d = var.to(stat_type).contiguous();
+  const at::Tensor weight_d =
+      weight.has_value() ? weight->to(weight_type).contiguous() : at::Tensor();
+  const auto vector = [&](at::ScalarType type) {
+    return at::empty({mean.numel()}, mean.options().dtype(type));
+  };
+  at::Tensor grad_mean = vector(stat_type), grad_var = vector(stat_type);
+  // An absent parameter's gradient: an empty fp32 vector, as the op's fake gives it.
+  const auto absent = [&] { return at::empty({0}, mean.options().dtype(at::kFloat)); };
+  at::Tensor grad_weight = weight.has_value() ? vector(weight_type) : absent();
+  at::Tensor grad_bias = bias.has_value() ? vector(weight_type) : absent();
+  if (mean.numel() > 0) {
+    const at::Tensor gs = as_float(grad_scale), gb = as_float(grad_shift);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stat_type, op, [&] {
+      using stat_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight_type, op, [&] {
+        bn_scale_shift_backward_kernel<stat_t, scalar_t>
+            <<<blocks_for(mean.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                gs.const_data_ptr<float>(), gb.const_data_ptr<float>(),
+                mean_d.const_data_ptr<stat_t>(), var_d.const_data_ptr<stat_t>(),
+                weight_d.defined() ? weight_d.const_data_ptr<scalar_t>() : nullptr,
+                static_cast<float>(eps), static_cast<int>(mean.numel()),
+                grad_mean.mutable_data_ptr<stat_t>(), grad_var.mutable_data_ptr<stat_t>(),
+                weight.has_value() ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr,
+                bias.has_value() ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr);
+      });
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // Each gradient in its input's dtype (a conversion only for mixed dtypes).
+  return {grad_mean.to(mean.scalar_type()), grad_var.to(var.scalar_type()),
+          weight.has_value() ? grad_weight.to(weight->scalar_type()) : grad_weight,
+          bias.has_value() ? grad_bias.to(bias->scalar_type()) : grad_bias};
+}
+
 void bn_update_running_stats_cuda(const at::Tensor& mean, const at::Tensor& var,
                                   const at::Tensor& running_mean, const at::Tensor& running_var,
                                   double factor, int64_t count) {
@@ -200,4 +284,5 @@ void bn_update_running_stats_cuda(const at::Tensor& mean, const at::Tensor& var,
 TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("bn_scale_shift", &fused_resnet::bn_scale_shift_cuda);
   m.impl("bn_update_running_stats", &fused_resnet::bn_update_running_stats_cuda);
+  m.impl("bn_scale_shift_backward", &fused_resnet::bn_scale_shift_backward_cuda);
 }

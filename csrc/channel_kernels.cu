@@ -12,11 +12,10 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -194,6 +193,34 @@ __global__ void sums_finish_kernel(const Sums* __restrict__ partials, int row_bl
   dot[c] = merged.dot;
 }
 
+// out = grad [* grad_scale[c]] + (grad_mean[c] + 2 grad_var[c] (y - mean[c])) / count: the
+// gradient of y when its batch statistics also reach the loss, one pass over 16-byte vectors.
+template <typename T>
+__global__ void statistics_backward_kernel(
+    const T* __restrict__ grad, const T* __restrict__ y, const float* __restrict__ mean,
+    const float* __restrict__ grad_mean, const float* __restrict__ grad_var,
+    const float* __restrict__ grad_scale, float count, int64_t num_vectors, int channels,
+    T* __restrict__ out) {
+  constexpr int kWidth = Vector<T>::kWidth;
+  for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < num_vectors;
+       v += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t offset = v * kWidth;
+    const int c0 = static_cast<int>(offset % channels);
+    const Vector<T> g = load(grad + offset);
+    const Vector<T> yv = load(y + offset);
+    Vector<T> result;
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) {
+      const int c = c0 + k;
+      float gk = static_cast<float>(g.value[k]);
+      if (grad_scale != nullptr) gk *= grad_scale[c];
+      const float centred = static_cast<float>(yv.value[k]) - mean[c];
+      result.value[k] = static_cast<T>(gk + (grad_mean[c] + 2.f * grad_var[c] * centred) / count);
+    }
+    *reinterpret_cast<Vector<T>*>(out + offset) = result;
+  }
+}
+
 struct Grid {
   int64_t rows;
   int channels;
@@ -309,9 +336,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward_cuda(
                                         : Mask::kNone;
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  at::Tensor sum = at::zeros({x.size(1)}, x.options().dtype(at::kFloat));
-  at::Tensor dot = at::zeros_like(sum);
-  if (x.numel() == 0) return {grad_x, dot, sum};
+  // The finish kernel writes every channel's sums; only an empty x leaves them to fill here.
+  at::Tensor sum = at::empty({x.size(1)}, x.options().dtype(at::kFloat));
+  at::Tensor dot = at::empty_like(sum);
+  if (x.numel() == 0) return {grad_x, dot.zero_(), sum.zero_()};
   const Grid grid = grid_for(x, vector_width(x));
   at::Tensor partials = partials_buffer<Sums>(x, grid);
   auto* states = reinterpret_cast<Sums*>(partials.mutable_data_ptr<float>());
@@ -330,6 +358,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward_cuda(
       dot.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_x, dot, sum};
+}
+
+at::Tensor statistics_backward_cuda(const at::Tensor& grad, const at::Tensor& y,
+                                    const at::Tensor& mean, const at::Tensor& grad_mean,
+                                    const at::Tensor& grad_var,
+                                    const c10::optional<at::Tensor>& grad_scale) {
+  constexpr const char* op = "statistics_backward";
+  check_activation(op, "y", y);
+  check_like(op, "grad", grad, y);
+  check_channel_vector(op, "mean", mean, y);
+  check_channel_vector(op, "grad_mean", grad_mean, y);
+  check_channel_vector(op, "grad_var", grad_var, y);
+  if (grad_scale.has_value()) check_channel_vector(op, "grad_scale", *grad_scale, y);
+  const c10::cuda::CUDAGuard device_guard(y.device());
+  at::Tensor out = at::empty_like(y, at::MemoryFormat::ChannelsLast);
+  if (y.numel() == 0) return out;
+  const int64_t num_vectors = y.numel() / vector_width(y);
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>(
+      (num_vectors + kThreads - 1) / kThreads,
+      int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16);
+  const float count = static_cast<float>(y.numel() / y.size(1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), op, [&] {
+    statistics_backward_kernel<scalar_t>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+            mean.const_data_ptr<float>(), grad_mean.const_data_ptr<float>(),
+            grad_var.const_data_ptr<float>(),
+            grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr, count,
+            num_vectors, static_cast<int>(y.size(1)), out.mutable_data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 }  // namespace fused_resnet

@@ -1,5 +1,6 @@
 // Hand-written CUDA kernels that reduce per channel over every pixel of an NHWC tensor:
-// BatchNorm batch statistics, and the backward of a per-channel affine map with its ReLU.
+// BatchNorm batch statistics, and the backward of a per-channel affine map with its ReLU;
+// and the elementwise pass adding the gradient through the batch statistics.
 //
 // Layout: 4-D channels_last tensors, fp16/bf16/fp32, channels a multiple of 16 bytes' worth
 // of elements (8 halfs, 4 floats): every thread moves one 16-byte vector per pixel.
@@ -27,5 +28,14 @@ std::tuple<at::Tensor, at::Tensor> channel_statistics_cuda(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
     const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& output);
+
+// The gradient of y (conv output) when its per-channel batch statistics (mean, biased
+// variance over count = N*H*W values) also reach the loss:
+//   grad [* grad_scale[c]] + (grad_mean[c] + 2 grad_var[c] (y - mean[c])) / count
+// in y's dtype, fp32 math; the vectors fp32. One elementwise pass (no reduction).
+at::Tensor statistics_backward_cuda(const at::Tensor& grad, const at::Tensor& y,
+                                    const at::Tensor& mean, const at::Tensor& grad_mean,
+                                    const at::Tensor& grad_var,
+                                    const c10::optional<at::Tensor>& grad_scale);
 
 }  // namespace fused_resnet

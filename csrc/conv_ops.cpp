@@ -279,6 +279,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward(
                                    optional_float(shift), optional_nhwc(output));
 }
 
+at::Tensor statistics_backward(const at::Tensor& grad, const at::Tensor& y,
+                               const at::Tensor& mean, const at::Tensor& grad_mean,
+                               const at::Tensor& grad_var,
+                               const c10::optional<at::Tensor>& grad_scale) {
+  c10::optional<at::Tensor> scale;
+  if (grad_scale.has_value()) scale = float_vector(*grad_scale);
+  return statistics_backward_cuda(nhwc(grad), nhwc(y), float_vector(mean),
+                                  float_vector(grad_mean), float_vector(grad_var), scale);
+}
+
 }  // namespace fused_resnet
 
 TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
@@ -287,4 +297,5 @@ TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("cuda_conv_wgrad", &fused_resnet::cuda_conv_wgrad);
   m.impl("cuda_channel_stats", &fused_resnet::cuda_channel_stats);
   m.impl("affine_relu_backward", &fused_resnet::affine_relu_backward);
+  m.impl("statistics_backward", &fused_resnet::statistics_backward);
 }

@@ -1,8 +1,9 @@
 // Op schemas of the fused_resnet namespace and the Python module fused_resnet._C.
 //
 // The CUDA kernels register in their own files; the CPU kernels of the cuda_* ops, of
-// affine_relu_backward and of the bn_* ops are their plain-PyTorch references, registered
-// from Python (fused_resnet/cuda_ops.py) so the ops can be checked without a GPU.
+// affine_relu_backward, statistics_backward and of the bn_* ops are their plain-PyTorch
+// references, registered from Python (fused_resnet/cuda_ops.py) so the ops can be checked
+// without a GPU.
 //
 // Importing fused_resnet._C runs the static TORCH_LIBRARY registrations below; the module
 // itself exports nothing, everything is reached through torch.ops.fused_resnet.
@@ -70,6 +71,10 @@ TORCH_LIBRARY(fused_resnet, m) {
         "-> (Tensor, Tensor)");
   m.def("bn_update_running_stats(Tensor mean, Tensor var, Tensor(a!) running_mean, "
         "Tensor(b!) running_var, float factor, int count) -> ()");
+  m.def("bn_scale_shift_backward(Tensor grad_scale, Tensor grad_shift, Tensor mean, "
+        "Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor[]");
+  m.def("statistics_backward(Tensor grad, Tensor y, Tensor mean, Tensor grad_mean, "
+        "Tensor grad_var, Tensor? grad_scale) -> Tensor");
   // Host arithmetic, no tensors: runs anywhere, a machine without a GPU included.
   m.def("conv_launch_plan(str kernel, int[] problem, int sm_count) -> int[]",
         &fused_resnet::conv_launch_plan_op);

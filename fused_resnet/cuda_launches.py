@@ -69,12 +69,12 @@ def _channel_statistics(record: Record, x: Tensor) -> tuple[Tensor, Tensor]:
 def _affine_relu_backward(record: Record, grad: Tensor, x: Tensor, scale, shift,
                           output) -> tuple[Tensor, Tensor, Tensor]:
     """channel_kernels.cu ``affine_relu_backward_cuda``: the masked pass with per-block
-    sums, then their merge, into zero-filled sums."""
+    sums, then their merge (zero-filled sums only for an empty x)."""
     grad_x = torch.empty_like(x, memory_format=torch.channels_last)
-    total = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
-    dot = torch.zeros_like(total)
+    total = x.new_empty(x.shape[1], dtype=torch.float32)
+    dot = torch.empty_like(total)
     if x.numel() == 0:
-        return grad_x, dot, total
+        return grad_x, dot.zero_(), total.zero_()
     partials = _partials(x, 2)
     record("affine_relu_backward_kernel",
            [t for t in (grad, x, scale, shift, output, grad_x, partials) if t is not None])
@@ -190,6 +190,42 @@ def bn_scale_shift(record: Record, mean, var, weight, bias, eps):
     return scale.to(dtype), shift.to(dtype)
 
 
+def statistics_backward(record: Record, grad, y, mean, grad_mean, grad_var, grad_scale):
+    """conv_ops.cpp ``statistics_backward``: one elementwise pass."""
+    grad, y = _nhwc(grad), _nhwc(y)
+    vectors = [_vector(v, torch.float32) for v in (mean, grad_mean, grad_var, grad_scale)]
+    out = torch.empty_like(y, memory_format=torch.channels_last)
+    if y.numel():
+        record("statistics_backward_kernel",
+               [grad, y, *[v for v in vectors if v is not None], out])
+    return out
+
+
+def bn_scale_shift_backward(record: Record, grad_scale, grad_shift, mean, var, weight, bias,
+                            eps):
+    """batch_norm_finalize.cu ``bn_scale_shift_backward_cuda``: one dtype each for the
+    statistics and the parameters (a mix computed in fp32), gradients converted back to the
+    inputs' dtypes."""
+    stat_type = mean.dtype if var.dtype == mean.dtype else torch.float32
+    params = [p for p in (weight, bias) if p is not None]
+    weight_type = params[0].dtype if len({p.dtype for p in params}) == 1 else torch.float32
+    stats = [mean.to(stat_type).contiguous(), var.to(stat_type).contiguous()]
+    weight_d = None if weight is None else weight.to(weight_type).contiguous()
+    grad_mean, grad_var = (mean.new_empty(mean.numel(), dtype=stat_type) for _ in range(2))
+    grad_weight, grad_bias = (
+        mean.new_empty(0 if p is None else mean.numel(),
+                       dtype=torch.float32 if p is None else weight_type)
+        for p in (weight, bias))
+    if mean.numel():
+        record("bn_scale_shift_backward_kernel",
+               [t for t in (_vector(grad_scale, torch.float32),
+                            _vector(grad_shift, torch.float32), *stats, weight_d, grad_mean,
+                            grad_var, grad_weight, grad_bias) if t is not None and t.numel()])
+    return [grad_mean.to(mean.dtype), grad_var.to(var.dtype),
+            grad_weight if weight is None else grad_weight.to(weight.dtype),
+            grad_bias if bias is None else grad_bias.to(bias.dtype)]
+
+
 def bn_update_running_stats(record: Record, mean, var, running_mean, running_var, factor,
                             count):
     """batch_norm_finalize.cu ``bn_update_running_stats_cuda``."""
@@ -206,4 +242,6 @@ MODELS: dict[str, Callable] = {
     "affine_relu_backward": affine_relu_backward,
     "scale_shift_add_relu": scale_shift_add_relu, "bn_scale_shift": bn_scale_shift,
     "bn_update_running_stats": bn_update_running_stats,
+    "bn_scale_shift_backward": bn_scale_shift_backward,
+    "statistics_backward": statistics_backward,
 }

@@ -12,9 +12,11 @@ The schemas and the CUDA kernels are registered in C++ (``csrc/``) under the
   affine_relu_backward
       the backward of that pass and of a BN-ReLU prologue: ReLU mask, input gradient and
       per-channel reductions in one pass;
-  bn_scale_shift, bn_update_running_stats
-      the BatchNorm finalize: batch statistics to scale/shift (differentiable), and the
-      running-statistics update.
+  statistics_backward
+      a conv output's gradient through its batch statistics added in one pass;
+  bn_scale_shift, bn_scale_shift_backward, bn_update_running_stats
+      the BatchNorm finalize: batch statistics to scale/shift (differentiable, its
+      backward one kernel), and the running-statistics update.
 
 ``scale_shift_add_relu`` has a C++ CPU kernel; the CPU kernels of the other ops are their
 plain-PyTorch meaning (:mod:`fused_resnet.op_reference`, :mod:`fused_resnet.reference`),
@@ -81,6 +83,17 @@ def affine_relu_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor] = None
     if x.device.type == "cuda" and (x.dtype == torch.float64 or x.shape[1] % vector_width):
         return op_reference.affine_relu_backward(grad, x, scale, shift, output)
     return _ops().affine_relu_backward(grad, x, scale, shift, output)
+
+
+def statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean: Tensor,
+                        grad_var: Tensor, grad_scale: Optional[Tensor] = None) -> Tensor:
+    """See :func:`fused_resnet.op_reference.statistics_backward`. The CUDA kernel moves
+    16-byte vectors of channels; other CUDA tensors (channel counts that do not fill them,
+    fp64) take the plain-PyTorch formula."""
+    vector_width = _VECTOR_BYTES // y.element_size()
+    if y.device.type == "cuda" and (y.dtype == torch.float64 or y.shape[1] % vector_width):
+        return op_reference.statistics_backward(grad, y, mean, grad_mean, grad_var, grad_scale)
+    return _ops().statistics_backward(grad, y, mean, grad_mean, grad_var, grad_scale)
 
 
 def _bn_add_relu(a: Tensor, a_scale: Tensor, a_shift: Tensor, residual: Optional[Tensor],
@@ -152,22 +165,6 @@ def _scale_shift_add_relu_backward(ctx, grad_output):
     return (*grads, None)
 
 
-def _bn_scale_shift_backward(ctx, grad_scale, grad_shift):
-    """scale = w * rstd, shift = b - mean * scale, rstd = (var + eps)^(-1/2)."""
-    mean, var, weight, bias = ctx.saved_tensors
-    # In at least fp32 (running statistics of a .half() module are saved as they are).
-    mean, var = (t.to(op_support.statistics_dtype(t)) for t in (mean, var))
-    rstd = torch.rsqrt(var + ctx.eps)
-    w = torch.ones_like(rstd) if weight is None else weight.to(rstd.dtype)
-    grad_scale = torch.zeros_like(rstd) if grad_scale is None else grad_scale
-    grad_shift = torch.zeros_like(rstd) if grad_shift is None else grad_shift
-    through_scale = grad_scale - grad_shift * mean  # d(loss)/d(scale), shift's part included
-    grad_var = through_scale * w * -0.5 * rstd ** 3
-    grad_weight = None if weight is None else (through_scale * rstd).to(weight.dtype)
-    grad_bias = None if bias is None else grad_shift.to(bias.dtype)
-    return -grad_shift * w * rstd, grad_var, grad_weight, grad_bias, None
-
-
 def register_python_parts() -> None:
     """Attach fakes, CPU kernels and autograd to the C++ ops; called once the library is
     loaded."""
@@ -180,6 +177,10 @@ def register_python_parts() -> None:
         "bn_scale_shift": (op_support.bn_scale_shift_fake,
                            reference.scale_shift_from_statistics),
         "bn_update_running_stats": (lambda *args: None, reference.blend_running_stats),
+        "bn_scale_shift_backward": (op_support.bn_scale_shift_backward_fake,
+                                    op_reference.bn_scale_shift_backward),
+        "statistics_backward": (op_support.statistics_backward_fake,
+                                op_reference.statistics_backward),
     }
     for name, (fake, cpu_kernel) in ops.items():
         torch.library.register_fake(f"fused_resnet::{name}")(fake)
@@ -188,9 +189,12 @@ def register_python_parts() -> None:
     torch.library.register_autograd("fused_resnet::scale_shift_add_relu",
                                     _scale_shift_add_relu_backward,
                                     setup_context=_scale_shift_add_relu_setup_context)
-    torch.library.register_autograd("fused_resnet::bn_scale_shift", _bn_scale_shift_backward,
-                                    setup_context=op_support.bn_scale_shift_setup_context)
-    op_support.register_conv_autograd("fused_resnet::cuda_conv",
-                                      op_support.conv_backward(_cuda_conv_dgrad,
-                                                               _cuda_conv_wgrad))
+    torch.library.register_autograd(
+        "fused_resnet::bn_scale_shift",
+        op_support.bn_scale_shift_backward(torch.ops.fused_resnet.bn_scale_shift_backward),
+        setup_context=op_support.bn_scale_shift_setup_context)
+    op_support.register_conv_autograd(
+        "fused_resnet::cuda_conv",
+        op_support.conv_backward(_cuda_conv_dgrad, _cuda_conv_wgrad,
+                                 statistics_backward=statistics_backward))
     op_support.register_channel_stats_autograd("fused_resnet::cuda_channel_stats")

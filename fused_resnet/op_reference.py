@@ -91,6 +91,26 @@ def statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean: Tensor
     return _channels_last((grad + statistics_term / count).to(y.dtype))
 
 
+def bn_scale_shift_backward(grad_scale: Tensor, grad_shift: Tensor, mean: Tensor, var: Tensor,
+                            weight: Optional[Tensor], bias: Optional[Tensor],
+                            eps: float) -> list[Tensor]:
+    """Gradients of ``scale = weight * rstd, shift = bias - mean * scale`` (rstd = (var +
+    eps)^(-1/2)) from those of scale and shift: [grad_mean, grad_var, grad_weight,
+    grad_bias], each in its input's dtype, fp32 math; an absent weight's or bias's an empty
+    fp32 vector."""
+    acc = torch.promote_types(mean.dtype, torch.float32)
+    rstd = torch.rsqrt(var.to(acc) + eps)
+    w = torch.ones_like(rstd) if weight is None else weight.to(acc)
+    grad_shift = grad_shift.to(acc)
+    through_scale = grad_scale.to(acc) - grad_shift * mean.to(acc)  # shift's part included
+    def absent():
+        return mean.new_empty(0, dtype=torch.float32)
+    return [(-grad_shift * w * rstd).to(mean.dtype),
+            (through_scale * w * -0.5 * rstd ** 3).to(var.dtype),
+            absent() if weight is None else (through_scale * rstd).to(weight.dtype),
+            absent() if bias is None else grad_shift.to(bias.dtype, copy=True)]
+
+
 def _output_gradient(grad: Tensor, statistics: tuple) -> Tensor:
     """The gradient of a conv's raw output: ``grad``, plus the term through its batch
     statistics where ``statistics`` = (y, mean, grad_mean, grad_var, grad_scale) is

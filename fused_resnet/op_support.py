@@ -69,6 +69,18 @@ def bn_scale_shift_fake(mean, var, weight, bias, eps):
     return torch.empty_like(mean, dtype=dtype), torch.empty_like(mean, dtype=dtype)
 
 
+def bn_scale_shift_backward_fake(grad_scale, grad_shift, mean, var, weight, bias, eps):
+    def absent():
+        return mean.new_empty(0, dtype=torch.float32)
+    return [torch.empty_like(mean), torch.empty_like(var),
+            absent() if weight is None else torch.empty_like(weight),
+            absent() if bias is None else torch.empty_like(bias)]
+
+
+def statistics_backward_fake(grad, y, mean, grad_mean, grad_var, grad_scale):
+    return torch.empty_like(y, memory_format=_CHANNELS_LAST)
+
+
 def channel_stats_fake(x):
     return (x.new_empty(x.shape[1], dtype=statistics_dtype(x)),
             x.new_empty(x.shape[1], dtype=statistics_dtype(x)))
@@ -103,20 +115,22 @@ CONV_SAVED = 7  # tensors conv_setup_context saves for the conv itself
 
 
 def _epilogue_gradient(ctx, grad_y: Tensor, y: Tensor, mean: Tensor, out_scale,
-                       grad_mean, grad_var,
-                       backward_ops_take_statistics: bool) -> tuple[Tensor, tuple, Tensor]:
+                       grad_mean, grad_var, backward_ops_take_statistics: bool,
+                       statistics_backward: Optional[Callable]) -> tuple[Tensor, tuple, Tensor]:
     """(the gradient dgrad and wgrad read, channels_last in x's dtype; the statistics
     arguments they add to it, (y, mean, grad_mean, grad_var) or (); dL/d residual).
 
     The blocks' training convs have either statistics or a residual, no other epilogue:
     with backward ops that add the statistics term themselves neither costs a pass; else
-    the statistics term is at most one pass in the storage dtype. Other epilogues (ReLU,
-    scale) take the fp32 formula."""
+    the statistics term is one pass of the backend's ``statistics_backward`` op. Other
+    epilogues (ReLU, scale), or no such op, take the fp32 formula."""
     if not ctx.out_relu and out_scale is None:
-        if ctx.statistics and backward_ops_take_statistics:
+        if ctx.statistics and (backward_ops_take_statistics or statistics_backward):
             grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
             grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
-            return grad_y, (y, mean, grad_mean, grad_var), None
+            if backward_ops_take_statistics:
+                return grad_y, (y, mean, grad_mean, grad_var), None
+            return statistics_backward(grad_y, y, mean, grad_mean, grad_var, None), (), None
         if not ctx.statistics:
             grad = channels_last(grad_y.to(y.dtype))
             return grad, (), (grad if ctx.has_residual else None)
@@ -132,13 +146,15 @@ def _epilogue_gradient(ctx, grad_y: Tensor, y: Tensor, mean: Tensor, out_scale,
 
 
 def conv_backward(dgrad: Callable, wgrad: Callable,
-                  backward_ops_take_statistics: bool = False) -> Callable:
+                  backward_ops_take_statistics: bool = False,
+                  statistics_backward: Optional[Callable] = None) -> Callable:
     """The backward of a fused conv op from its backend's dgrad and wgrad ops:
     ``backward(ctx, grad_y, grad_mean, grad_var, other=None)``, ``ctx`` as
     :func:`conv_setup_context` sets it. With ``backward_ops_take_statistics`` they take (y,
     mean, grad_mean, grad_var) after their usual arguments and add the gradient through
-    the batch statistics of the conv output y themselves; else it is added here (a chain
-    of fp32 aten ops). ``other``: a gradient of x from another consumer, which dgrad adds
+    the batch statistics of the conv output y themselves; else it is added here, by the
+    backend's ``statistics_backward`` op (the signature of
+    :func:`fused_resnet.op_reference.statistics_backward`) in one pass where there is one. ``other``: a gradient of x from another consumer, which dgrad adds
     to its result (its ``other`` argument). For a Function running the op with inputs
     and saved tensors of its own: ``needs_input_grad``, which of the op's inputs need a
     gradient, and ``saved``, its ``ctx.saved_tensors`` (which may be unpacked only once)."""
@@ -152,7 +168,8 @@ def conv_backward(dgrad: Callable, wgrad: Callable,
                                "implemented; fold BatchNorm into the epilogue only when no "
                                "gradient is needed (fused_resnet's blocks do)")
         grad, statistics, grad_residual = _epilogue_gradient(
-            ctx, grad_y, y, mean, out_scale, grad_mean, grad_var, backward_ops_take_statistics)
+            ctx, grad_y, y, mean, out_scale, grad_mean, grad_var, backward_ops_take_statistics,
+            statistics_backward)
         grad_x = grad_weight = grad_in_scale = grad_in_shift = None
         if needs[0] or needs[3] or needs[4]:
             grad_x, grad_in_scale, grad_in_shift = dgrad(
@@ -199,6 +216,28 @@ def bn_scale_shift_setup_context(ctx, inputs, output):
     mean, var, weight, bias, eps = inputs[:5]
     ctx.eps = eps
     ctx.save_for_backward(mean, var, weight, bias)
+
+
+def scale_shift_gradients(backward_op: Callable, grad_scale, grad_shift, mean, var, weight,
+                          bias, eps) -> tuple:
+    """(grad_mean, grad_var, grad_weight, grad_bias) of a BN's (scale, shift) through a
+    backend's ``bn_scale_shift_backward`` op, given the gradients autograd delivers for
+    them (None: zero); None for an absent weight or bias."""
+    def given(grad):
+        return torch.zeros_like(mean, dtype=statistics_dtype(mean)) if grad is None else grad
+    grad_mean, grad_var, grad_weight, grad_bias = backward_op(
+        given(grad_scale), given(grad_shift), mean, var, weight, bias, eps)
+    return (grad_mean, grad_var, None if weight is None else grad_weight,
+            None if bias is None else grad_bias)
+
+
+def bn_scale_shift_backward(backward_op: Callable) -> Callable:
+    """The autograd backward of a ``bn_scale_shift`` op (:func:`bn_scale_shift_setup_context`)
+    from its backend's ``bn_scale_shift_backward`` op."""
+    def backward(ctx, grad_scale, grad_shift):
+        return (*scale_shift_gradients(backward_op, grad_scale, grad_shift, *ctx.saved_tensors,
+                                       ctx.eps), None)
+    return backward
 
 
 def _stats_setup_context(ctx, inputs, output):

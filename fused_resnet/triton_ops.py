@@ -274,30 +274,15 @@ def triton_bn_scale_shift_backward(grad_scale: Tensor, grad_shift: Tensor, mean:
     return [_empty_like_channel(mean) if g is None else g for g in grads]
 
 
-@triton_bn_scale_shift_backward.register_fake
-def _triton_bn_scale_shift_backward_fake(grad_scale, grad_shift, mean, var, weight, bias,
-                                         eps):
-    return [torch.empty_like(mean), torch.empty_like(mean),
-            _empty_like_channel(mean) if weight is None else torch.empty_like(weight),
-            _empty_like_channel(mean) if bias is None else torch.empty_like(bias)]
+triton_bn_scale_shift_backward.register_fake(op_support.bn_scale_shift_backward_fake)
 
 
 def _scale_shift_gradients(grad_scale, grad_shift, mean, var, weight, bias, eps):
-    """(grad_mean, grad_var, grad_weight, grad_bias) of a BN's (scale, shift), given the
-    gradients autograd delivers for them (None: zero); None for an absent weight or bias."""
-    grad_scale = torch.zeros_like(mean) if grad_scale is None else grad_scale
-    grad_shift = torch.zeros_like(mean) if grad_shift is None else grad_shift
-    grad_mean, grad_var, grad_weight, grad_bias = triton_bn_scale_shift_backward(
-        grad_scale, grad_shift, mean, var, weight, bias, eps)
-    return (grad_mean, grad_var, None if weight is None else grad_weight,
-            None if bias is None else grad_bias)
+    return op_support.scale_shift_gradients(triton_bn_scale_shift_backward, grad_scale,
+                                            grad_shift, mean, var, weight, bias, eps)
 
 
-def _bn_scale_shift_backward(ctx, grad_scale, grad_shift):
-    return (*_scale_shift_gradients(grad_scale, grad_shift, *ctx.saved_tensors, ctx.eps),
-            None)
-
-
+_bn_scale_shift_backward = op_support.bn_scale_shift_backward(triton_bn_scale_shift_backward)
 triton_bn_scale_shift.register_autograd(_bn_scale_shift_backward,
                                         setup_context=op_support.bn_scale_shift_setup_context)
 
@@ -327,7 +312,7 @@ def triton_bn_scale_shift_backward_from_tiles(sums: Tensor, tiles: Tensor, scale
 @triton_bn_scale_shift_backward_from_tiles.register_fake
 def _triton_bn_scale_shift_backward_from_tiles_fake(sums, tiles, scale_kind, mean, var,
                                                     weight, bias, eps):
-    return _triton_bn_scale_shift_backward_fake(None, None, mean, var, weight, bias, eps)
+    return op_support.bn_scale_shift_backward_fake(None, None, mean, var, weight, bias, eps)
 
 
 @_op("triton_bn_train_finalize", mutates_args=_RUNNING)
@@ -581,9 +566,7 @@ def triton_statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean:
                                            *_dense(mean, grad_mean, grad_var, grad_scale))
 
 
-@triton_statistics_backward.register_fake
-def _triton_statistics_backward_fake(grad, y, mean, grad_mean, grad_var, grad_scale):
-    return torch.empty_like(y, memory_format=_CHANNELS_LAST)
+triton_statistics_backward.register_fake(op_support.statistics_backward_fake)
 
 
 class _BatchNormReLUMaxPoolTraining(torch.autograd.Function):

@@ -55,6 +55,13 @@ def _cases(device: str) -> list:
          (grad, s32, s32, grad, vector(32, dtype), s32, True)),
         ("bn-scale-shift-mixed-parameters", "bn_scale_shift",
          (s32, s32, vector(32, dtype), s32, 1e-5)),
+        ("statistics-backward", "statistics_backward", (grad, grad, s32, s32, s32, None)),
+        ("statistics-backward-scaled", "statistics_backward",
+         (grad.contiguous(), grad, s32, s32, s32, vector(32))),
+        ("bn-scale-shift-backward", "bn_scale_shift_backward",
+         (s32, s32, s32, s32, vector(32), vector(32), 1e-5)),
+        ("bn-scale-shift-backward-bf16-parameters-no-bias", "bn_scale_shift_backward",
+         (s32, s32, s32, s32, vector(32, dtype), None, 1e-5)),
         ("bn-update-running-stats", "bn_update_running_stats",
          (s32, s32, vector(32), vector(32), 0.1, 126)),
     ]

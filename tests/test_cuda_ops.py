@@ -88,6 +88,10 @@ def test_cuda_conv_passes_opcheck_and_gradcheck_on_its_cpu_kernel(fusion):
     ("cuda_channel_stats", lambda a, g: (a["x"],)),
     ("affine_relu_backward", lambda a, g: (torch.randn_like(a["x"]), a["x"], a["in_scale"],
                                            a["in_shift"], None)),
+    ("statistics_backward", lambda a, g: (torch.randn_like(a["x"]), a["x"], a["in_scale"],
+                                          a["in_shift"], a["in_scale"], None)),
+    ("statistics_backward", lambda a, g: (torch.randn_like(a["x"]), a["x"], a["in_scale"],
+                                          a["in_shift"], a["in_scale"], a["in_shift"])),
 ])
 def test_backward_and_statistics_ops_pass_opcheck_on_their_cpu_kernels(op, arguments):
     a = _conv_arguments("prologue", torch.float64, "cpu")
@@ -112,6 +116,23 @@ def test_bn_scale_shift_passes_opcheck_and_gradcheck_on_its_cpu_kernel(affine):
     assert torch.autograd.gradcheck(
         lambda *t: torch.ops.fused_resnet.bn_scale_shift(*t, *[None] * (4 - len(t)), 1e-5),
         tensors)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_scale_shift_backward_passes_opcheck_and_is_the_finalize_gradient(affine):
+    mean, var, weight, bias = _finalize_arguments("cpu")
+    grad_scale, grad_shift = torch.randn(16, dtype=torch.float64), torch.randn(16,
+                                                                               dtype=torch.float64)
+    args = (grad_scale, grad_shift, mean, var, weight if affine else None,
+            bias if affine else None, 1e-5)
+    torch.library.opcheck(torch.ops.fused_resnet.bn_scale_shift_backward.default, args)
+    inputs = [t.requires_grad_() for t in (mean, var, weight, bias)][:4 if affine else 2]
+    scale, shift = reference.scale_shift_from_statistics(
+        mean, var, weight if affine else None, bias if affine else None, 1e-5)
+    expected = torch.autograd.grad((scale, shift), inputs, (grad_scale, grad_shift))
+    got = torch.ops.fused_resnet.bn_scale_shift_backward(*args)
+    torch.testing.assert_close(got[:len(inputs)], list(expected))
+    assert all(g.numel() == 0 for g in got[len(inputs):])
 
 
 def test_bn_update_running_stats_passes_opcheck_and_blends_as_batch_norm():
@@ -358,6 +379,34 @@ def test_cuda_bn_finalize_matches_reference(running_dtype):
     torch.ops.fused_resnet.bn_update_running_stats(mean, var, *running, 0.1, 7)
     reference.blend_running_stats(mean, var, *expected, 0.1, 7)
     torch.testing.assert_close(running, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scale"])
+def test_cuda_statistics_backward_within_eager_error(dtype, scaled, poisoned_cuda_memory):
+    # A mean of 1000 standard deviations: y - mean must be taken in fp32, per element.
+    y64 = torch.randn(3, 24, 7, 5, dtype=torch.float64, device="cuda") + 1000.0
+    vectors = [y64.mean((0, 2, 3))] + [torch.randn(24, dtype=torch.float64, device="cuda")
+                                       for _ in range(2)]
+    grad_scale = torch.rand(24, dtype=torch.float64, device="cuda") + 0.5 if scaled else None
+    grad64 = torch.randn_like(y64)
+    truth = {"grad": op_reference.statistics_backward(grad64, y64, *vectors, grad_scale)}
+    cast = [t.to(dtype) for t in (grad64, y64)]
+    floats = [v.float() for v in vectors] + [None if grad_scale is None else grad_scale.float()]
+    eager = {"grad": op_reference.statistics_backward(*cast, *floats)}
+    fused = {"grad": cuda_ops.statistics_backward(*cast, *floats)}
+    assert fused["grad"].is_contiguous(memory_format=torch.channels_last)
+    assert errors_beyond_eager(fused, eager, truth) == []
+
+
+@pytest.mark.gpu
+def test_cuda_bn_scale_shift_backward_matches_reference():
+    mean, var, weight, bias = _finalize_arguments("cuda", torch.float32, channels=200)
+    grads = [torch.randn(200, device="cuda") for _ in range(2)]
+    got = torch.ops.fused_resnet.bn_scale_shift_backward(*grads, mean, var, weight, bias, 1e-5)
+    expected = op_reference.bn_scale_shift_backward(*grads, mean, var, weight, bias, 1e-5)
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.gpu
