@@ -82,6 +82,34 @@ void check_vector(const char* op, const char* name, const at::Tensor& v, const a
 // A statistics or parameter vector as the kernels read it: dense fp32.
 at::Tensor as_float(const at::Tensor& v) { return v.to(at::kFloat).contiguous(); }
 
+// The dtypes the finalize kernels read the statistics (mean, var) and the parameters
+// (weight, bias) in: each pair's own when it has one (as a .half() module holds them, so that
+// no conversion launches first), else fp32 (converted first). Checks the vectors too.
+struct FinalizeTypes {
+  at::ScalarType stats, params;
+};
+
+FinalizeTypes finalize_types(const char* op, const at::Tensor& mean, const at::Tensor& var,
+                             const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(mean.dim() == 1 && mean.is_cuda(), op, ": mean must be a CUDA vector, got ",
+              mean.sizes(), " on ", mean.device());
+  check_vector(op, "var", var, mean);
+  if (weight.has_value()) check_vector(op, "weight", *weight, mean);
+  if (bias.has_value()) check_vector(op, "bias", *bias, mean);
+  const auto param_type = weight.has_value() ? weight->scalar_type()
+                          : bias.has_value() ? bias->scalar_type() : mean.scalar_type();
+  const bool same_params = (!weight.has_value() || weight->scalar_type() == param_type) &&
+                           (!bias.has_value() || bias->scalar_type() == param_type);
+  return {var.scalar_type() == mean.scalar_type() ? mean.scalar_type() : at::kFloat,
+          same_params ? param_type : at::kFloat};
+}
+
+// `v` as the kernels read it: `type`, dense; undefined when absent.
+at::Tensor read_as(const c10::optional<at::Tensor>& v, at::ScalarType type) {
+  return v.has_value() ? v->to(type).contiguous() : at::Tensor();
+}
+
 int blocks_for(int64_t channels) {
   return static_cast<int>((channels + kThreads - 1) / kThreads);
 }
@@ -153,32 +181,17 @@ std::tuple<at::Tensor, at::Tensor> bn_scale_shift_cuda(const at::Tensor& mean,
                                                        const c10::optional<at::Tensor>& bias,
                                                        double eps) {
   constexpr const char* op = "bn_scale_shift";
-  TORCH_CHECK(mean.dim() == 1 && mean.is_cuda(), op, ": mean must be a CUDA vector, got ",
-              mean.sizes(), " on ", mean.device());
-  check_vector(op, "var", var, mean);
-  if (weight.has_value()) check_vector(op, "weight", *weight, mean);
-  if (bias.has_value()) check_vector(op, "bias", *bias, mean);
+  const FinalizeTypes types = finalize_types(op, mean, var, weight, bias);
   const c10::cuda::CUDAGuard device_guard(mean.device());
-  // Dense vectors in one dtype for the statistics and one for the parameters (both as the
-  // module holds them); anything else is converted first.
-  const bool same_stats = var.scalar_type() == mean.scalar_type();
-  const auto param_type = weight.has_value() ? weight->scalar_type()
-                          : bias.has_value() ? bias->scalar_type() : mean.scalar_type();
-  const bool same_params = (!weight.has_value() || weight->scalar_type() == param_type) &&
-                           (!bias.has_value() || bias->scalar_type() == param_type);
-  const at::Tensor mean_d = same_stats ? mean.contiguous() : as_float(mean);
-  const at::Tensor var_d = same_stats ? var.contiguous() : as_float(var);
-  auto param = [&](const c10::optional<at::Tensor>& v) {
-    return !v.has_value() ? at::Tensor() : same_params ? v->contiguous() : as_float(*v);
-  };
-  const at::Tensor weight_d = param(weight), bias_d = param(bias);
+  const at::Tensor mean_d = read_as(mean, types.stats), var_d = read_as(var, types.stats);
+  const at::Tensor weight_d = read_as(weight, types.params), bias_d = read_as(bias, types.params);
   const auto options = mean.options().dtype(at::kFloat);
   at::Tensor scale = at::empty({mean.numel()}, options), shift = at::empty({mean.numel()}, options);
   if (mean.numel() == 0) return {scale, shift};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mean_d.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, types.stats, op, [&] {
     using stat_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, same_params ? param_type : at::kFloat, op, [&] {
+        at::kHalf, at::kBFloat16, types.params, op, [&] {
           bn_scale_shift_kernel<stat_t, scalar_t><<<blocks_for(mean.numel()), kThreads, 0,
                                                     at::cuda::getCurrentCUDAStream()>>>(
               mean_d.const_data_ptr<stat_t>(), var_d.const_data_ptr<stat_t>(),
@@ -199,27 +212,15 @@ std::vector<at::Tensor> bn_scale_shift_backward_cuda(
     const at::Tensor& var, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps) {
   constexpr const char* op = "bn_scale_shift_backward";
-  TORCH_CHECK(mean.dim() == 1 && mean.is_cuda(), op, ": mean must be a CUDA vector, got ",
-              mean.sizes(), " on ", mean.device());
-  check_vector(op, "var", var, mean);
+  const FinalizeTypes types = finalize_types(op, mean, var, weight, bias);
   check_vector(op, "grad_scale", grad_scale, mean);
   check_vector(op, "grad_shift", grad_shift, mean);
-  if (weight.has_value()) check_vector(op, "weight", *weight, mean);
-  if (bias.has_value()) check_vector(op, "bias", *bias, mean);
   const c10::cuda::CUDAGuard device_guard(mean.device());
-  // As in bn_scale_shift: statistics in one dtype and parameters in one dtype are read as
-  // they are; a mix is computed in fp32 and converted back.
-  const bool same_stats = var.scalar_type() == mean.scalar_type();
-  const auto param_type = weight.has_value() ? weight->scalar_type()
-                          : bias.has_value() ? bias->scalar_type() : mean.scalar_type();
-  const bool same_params = (!weight.has_value() || weight->scalar_type() == param_type) &&
-                           (!bias.has_value() || bias->scalar_type() == param_type);
-  const auto stat_type = same_stats ? mean.scalar_type() : at::kFloat;
-  const auto weight_type = same_params ? param_type : at::kFloat;
-  const at::Tensor mean_d = mean.to(stat_type).contiguous();
-  const at::Tensor var_d = var.to(stat_type).contiguous();
-  const at::Tensor weight_d =
-      weight.has_value() ? weight->to(weight_type).contiguous() : at::Tensor();
+  // Computed in the types the forward reads, each gradient converted back to its input's
+  // dtype (a conversion only for mixed dtypes).
+  const auto stat_type = types.stats, weight_type = types.params;
+  const at::Tensor mean_d = read_as(mean, stat_type), var_d = read_as(var, stat_type);
+  const at::Tensor weight_d = read_as(weight, weight_type);
   const auto vector = [&](at::ScalarType type) {
     return at::empty({mean.numel()}, mean.options().dtype(type));
   };
@@ -246,7 +247,6 @@ std::vector<at::Tensor> bn_scale_shift_backward_cuda(
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  // Each gradient in its input's dtype (a conversion only for mixed dtypes).
   return {grad_mean.to(mean.scalar_type()), grad_var.to(var.scalar_type()),
           weight.has_value() ? grad_weight.to(weight->scalar_type()) : grad_weight,
           bias.has_value() ? grad_bias.to(bias->scalar_type()) : grad_bias};
