@@ -63,16 +63,27 @@ struct Welford {
   }
 };
 
-// sum of g and sum of g * x.
+// sum of g, sum of g * x and, for a second affine input r (a block's shortcut), sum of g * r.
 struct Sums {
-  float sum, dot;
+  float sum, dot, dot_residual;
 
-  __device__ static Sums zero() { return {0.f, 0.f}; }
+  __device__ static Sums zero() { return {0.f, 0.f, 0.f}; }
 
   __device__ void merge(const Sums& other) {
     sum += other.sum;
     dot += other.dot;
+    dot_residual += other.dot_residual;
   }
+};
+
+// The second affine input of a BN-add-ReLU, y = relu(x * scale + residual * r_scale + ...):
+// with `residual` given, the kernel also writes grad_residual = g' * r_scale (g' where
+// r_scale is null) and sums g' * residual.
+template <typename T>
+struct ResidualInput {
+  const T* residual = nullptr;
+  const float* scale = nullptr;
+  T* grad = nullptr;
 };
 
 // First channel of this thread's vector; the whole vector is in range when this is
@@ -140,31 +151,34 @@ __global__ void welford_finish_kernel(const Welford* __restrict__ partials, int 
 
 enum class Mask { kNone, kOutput, kPrologue };
 
-template <typename T>
+template <typename T, bool kResidual>
 __global__ void affine_relu_backward_kernel(
     const T* __restrict__ grad, const T* __restrict__ x, const float* __restrict__ scale,
     const float* __restrict__ shift, const T* __restrict__ output, Mask mask, int64_t rows,
-    int channels, T* __restrict__ grad_x, Sums* __restrict__ partials) {
+    int channels, T* __restrict__ grad_x, ResidualInput<T> residual,
+    Sums* __restrict__ partials) {
   constexpr int kWidth = Vector<T>::kWidth;
   const int c0 = first_channel<kWidth>();
   Sums state[kWidth];
 #pragma unroll
   for (int k = 0; k < kWidth; ++k) state[k] = Sums::zero();
   if (c0 < channels) {
-    float s[kWidth], b[kWidth];
+    float s[kWidth], b[kWidth], rs[kWidth];
 #pragma unroll
     for (int k = 0; k < kWidth; ++k) {
       s[k] = scale != nullptr ? scale[c0 + k] : 1.f;
       b[k] = shift != nullptr ? shift[c0 + k] : 0.f;
+      rs[k] = residual.scale != nullptr ? residual.scale[c0 + k] : 1.f;
     }
     for (int64_t row = int64_t(blockIdx.x) * kRowLanes + threadIdx.y; row < rows;
          row += int64_t(gridDim.x) * kRowLanes) {
       const int64_t offset = row * channels + c0;
       const Vector<T> g = load(grad + offset);
       const Vector<T> xv = load(x + offset);
-      Vector<T> y;
+      Vector<T> y, r;
       if (mask == Mask::kOutput) y = load(output + offset);
-      Vector<T> out;
+      if constexpr (kResidual) r = load(residual.residual + offset);
+      Vector<T> out, out_residual;
 #pragma unroll
       for (int k = 0; k < kWidth; ++k) {
         const float xk = static_cast<float>(xv.value[k]);
@@ -176,8 +190,15 @@ __global__ void affine_relu_backward_kernel(
         state[k].sum += gk;
         state[k].dot += gk * xk;
         out.value[k] = static_cast<T>(gk * s[k]);
+        if constexpr (kResidual) {
+          state[k].dot_residual += gk * static_cast<float>(r.value[k]);
+          out_residual.value[k] = static_cast<T>(gk * rs[k]);
+        }
       }
       *reinterpret_cast<Vector<T>*>(grad_x + offset) = out;
+      if constexpr (kResidual) {
+        *reinterpret_cast<Vector<T>*>(residual.grad + offset) = out_residual;
+      }
     }
   }
   store_block_partials(state, partials, channels);
@@ -185,12 +206,13 @@ __global__ void affine_relu_backward_kernel(
 
 __global__ void sums_finish_kernel(const Sums* __restrict__ partials, int row_blocks,
                                    int channels, float* __restrict__ sum,
-                                   float* __restrict__ dot) {
+                                   float* __restrict__ dot, float* __restrict__ dot_residual) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= channels) return;
   const Sums merged = merge_partials(partials, row_blocks, channels, c);
   sum[c] = merged.sum;
   dot[c] = merged.dot;
+  if (dot_residual != nullptr) dot_residual[c] = merged.dot_residual;
 }
 
 // out = grad [* grad_scale[c]] + (grad_mean[c] + 2 grad_var[c] (y - mean[c])) / count: the
@@ -318,15 +340,23 @@ std::tuple<at::Tensor, at::Tensor> channel_statistics_cuda(const at::Tensor& x) 
   return {mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
-    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& output) {
-  constexpr const char* op = "affine_relu_backward";
+namespace {
+
+// The masked pass and its sums' merge, for affine_relu_backward_cuda and add_relu_backward_cuda
+// (which gives `residual`): returns (grad_x, dot, sum, grad_residual, dot_residual), the last
+// two undefined without a residual.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_affine_backward(
+    const char* op, const at::Tensor& grad, const at::Tensor& x,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+    const c10::optional<at::Tensor>& output, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& residual_scale) {
   check_activation(op, "x", x);
   check_like(op, "grad", grad, x);
   if (scale.has_value()) check_channel_vector(op, "scale", *scale, x);
   if (shift.has_value()) check_channel_vector(op, "shift", *shift, x);
   if (output.has_value()) check_like(op, "output", *output, x);
+  if (residual.has_value()) check_like(op, "residual", *residual, x);
+  if (residual_scale.has_value()) check_channel_vector(op, "residual_scale", *residual_scale, x);
   TORCH_CHECK(!(shift.has_value() && !scale.has_value()), op,
               ": shift (a prologue's ReLU mask) needs scale");
   TORCH_CHECK(!(shift.has_value() && output.has_value()), op,
@@ -339,25 +369,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward_cuda(
   // The finish kernel writes every channel's sums; only an empty x leaves them to fill here.
   at::Tensor sum = at::empty({x.size(1)}, x.options().dtype(at::kFloat));
   at::Tensor dot = at::empty_like(sum);
-  if (x.numel() == 0) return {grad_x, dot.zero_(), sum.zero_()};
+  at::Tensor grad_residual, dot_residual;
+  if (residual.has_value()) {
+    grad_residual = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+    dot_residual = at::empty_like(sum);
+  }
+  if (x.numel() == 0) {
+    if (residual.has_value()) dot_residual.zero_();
+    return {grad_x, dot.zero_(), sum.zero_(), grad_residual, dot_residual};
+  }
   const Grid grid = grid_for(x, vector_width(x));
   at::Tensor partials = partials_buffer<Sums>(x, grid);
   auto* states = reinterpret_cast<Sums*>(partials.mutable_data_ptr<float>());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    affine_relu_backward_kernel<scalar_t><<<grid.blocks, grid.threads, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-        scale.has_value() ? scale->const_data_ptr<float>() : nullptr,
-        shift.has_value() ? shift->const_data_ptr<float>() : nullptr,
-        output.has_value() ? output->const_data_ptr<scalar_t>() : nullptr, mask, grid.rows,
-        grid.channels, grad_x.mutable_data_ptr<scalar_t>(), states);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "masked_affine_backward", [&] {
+    ResidualInput<scalar_t> second;
+    if (residual.has_value()) {
+      second.residual = residual->const_data_ptr<scalar_t>();
+      second.scale =
+          residual_scale.has_value() ? residual_scale->const_data_ptr<float>() : nullptr;
+      second.grad = grad_residual.mutable_data_ptr<scalar_t>();
+    }
+    const auto launch = [&](auto kernel) {
+      kernel<<<grid.blocks, grid.threads, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+          scale.has_value() ? scale->const_data_ptr<float>() : nullptr,
+          shift.has_value() ? shift->const_data_ptr<float>() : nullptr,
+          output.has_value() ? output->const_data_ptr<scalar_t>() : nullptr, mask, grid.rows,
+          grid.channels, grad_x.mutable_data_ptr<scalar_t>(), second, states);
+    };
+    residual.has_value() ? launch(affine_relu_backward_kernel<scalar_t, true>)
+                         : launch(affine_relu_backward_kernel<scalar_t, false>);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sums_finish_kernel<<<grid.finish_blocks, kFinishThreads, 0, stream>>>(
       states, grid.blocks.x, grid.channels, sum.mutable_data_ptr<float>(),
-      dot.mutable_data_ptr<float>());
+      dot.mutable_data_ptr<float>(),
+      residual.has_value() ? dot_residual.mutable_data_ptr<float>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_x, dot, sum, grad_residual, dot_residual};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& output) {
+  auto [grad_x, dot, sum, unused_grad, unused_dot] = masked_affine_backward(
+      "affine_relu_backward", grad, x, scale, shift, output, c10::nullopt, c10::nullopt);
   return {grad_x, dot, sum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_relu_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& output, const at::Tensor& x,
+    const c10::optional<at::Tensor>& scale, const at::Tensor& residual,
+    const c10::optional<at::Tensor>& residual_scale) {
+  return masked_affine_backward("add_relu_backward", grad, x, scale, c10::nullopt, output,
+                                residual, residual_scale);
 }
 
 at::Tensor statistics_backward_cuda(const at::Tensor& grad, const at::Tensor& y,

@@ -29,6 +29,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
     const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& output);
 
+// Backward of y = relu(x * scale[c] + residual * residual_scale[c] + ...) (a block's
+// BN-add-ReLU, scales null for an identity) in one pass, masked by output > 0:
+//   returns (g' * scale, sum of g' * x, sum of g', g' * residual_scale,
+//            sum of g' * residual), the tensors in x's dtype, the sums fp32 per channel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_relu_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& output, const at::Tensor& x,
+    const c10::optional<at::Tensor>& scale, const at::Tensor& residual,
+    const c10::optional<at::Tensor>& residual_scale);
+
 // The gradient of y (conv output) when its per-channel batch statistics (mean, biased
 // variance over count = N*H*W values) also reach the loss:
 //   grad [* grad_scale[c]] + (grad_mean[c] + 2 grad_var[c] (y - mean[c])) / count

@@ -105,10 +105,11 @@ void conv_wgrad_tiled(const WgradLaunch& launch, cudaStream_t stream) {
   const auto x = activation<Element>(p, launch.x);
   // Slice k of the partial sums starts at workspace + k * K*R*S*C (CUTLASS's parallel mode).
   const auto partials = filter<float>(p, launch.workspace);
+  const size_t partials_bytes = sizeof(float) * split_k * size_t(p.k) * p.r * p.s * p.c;
   constexpr auto kParallel = cutlass::conv::SplitKMode::kParallel;
-  // With more than one slice CUTLASS's initialize() zeroes the buffer it is given as its
-  // workspace before the kernel: the partials buffer serves, as the kernel then overwrites it.
-  void* workspace = split_k > 1 ? launch.workspace : nullptr;
+  // In parallel mode CUTLASS asks for a workspace of the partials' size, also for one slice;
+  // the partials buffer is it. With more than one slice initialize() zeroes it before the
+  // kernel overwrites it (one memset); with one, nothing touches it but the kernel.
   if (launch.in_scale != nullptr) {
     check_plan<typename Kernels::PrologueWgrad>(p, launch.plan, "conv_wgrad (BN-ReLU prologue)");
     typename Kernels::PrologueWgrad::Arguments arguments{
@@ -122,12 +123,14 @@ void conv_wgrad_tiled(const WgradLaunch& launch, cudaStream_t stream) {
         {1.f, 0.f},
         kParallel};
     launch_operator<typename Kernels::PrologueWgrad>(arguments, stream,
-                                                     "conv_wgrad (BN-ReLU prologue)", workspace);
+                                                     "conv_wgrad (BN-ReLU prologue)",
+                                                     launch.workspace, partials_bytes);
   } else {
     check_plan<typename Kernels::Wgrad>(p, launch.plan, "conv_wgrad");
     typename Kernels::Wgrad::Arguments arguments{size,     grad_output, x,        partials,
                                                  partials, {1.f, 0.f},  kParallel};
-    launch_operator<typename Kernels::Wgrad>(arguments, stream, "conv_wgrad", workspace);
+    launch_operator<typename Kernels::Wgrad>(arguments, stream, "conv_wgrad",
+                                             launch.workspace, partials_bytes);
   }
   using Reduction = typename Kernels::SplitKReduction;
   const int row = p.r * p.s * p.c;

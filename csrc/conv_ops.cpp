@@ -60,8 +60,9 @@ ConvProblem conv_problem(const char* op, const at::Tensor& x, const at::Tensor& 
   check_compute_capability(op, x);
   for (const auto& [name, channels] : {std::pair<const char*, int64_t>{"x", x.size(1)},
                                        {"weight", weight.size(0)}}) {
-    TORCH_CHECK(channels % kVectorElements == 0, op, ": ", name, " has ", channels,
-                " channels, the CUTLASS kernels need a multiple of ", kVectorElements);
+    TORCH_CHECK(channels > 0 && channels % kVectorElements == 0, op, ": ", name, " has ",
+                channels, " channels, the CUTLASS kernels need a positive multiple of ",
+                kVectorElements);
   }
   ConvProblem p;
   p.n = x.size(0), p.h = x.size(2), p.w = x.size(3), p.c = x.size(1);
@@ -264,29 +265,38 @@ std::tuple<at::Tensor, at::Tensor> cuda_channel_stats(const at::Tensor& x) {
   return channel_statistics_cuda(nhwc(x));
 }
 
+c10::optional<at::Tensor> optional_nhwc(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return c10::nullopt;
+  return nhwc(*t);
+}
+
+c10::optional<at::Tensor> optional_float(const c10::optional<at::Tensor>& v) {
+  if (!v.has_value()) return c10::nullopt;
+  return float_vector(*v);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward(
     const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
     const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& output) {
-  const auto optional_nhwc = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
-    if (!t.has_value()) return c10::nullopt;
-    return nhwc(*t);
-  };
-  const auto optional_float = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
-    if (!t.has_value()) return c10::nullopt;
-    return float_vector(*t);
-  };
   return affine_relu_backward_cuda(nhwc(grad), nhwc(x), optional_float(scale),
                                    optional_float(shift), optional_nhwc(output));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_relu_backward(
+    const at::Tensor& grad, const at::Tensor& output, const at::Tensor& x,
+    const c10::optional<at::Tensor>& scale, const at::Tensor& residual,
+    const c10::optional<at::Tensor>& residual_scale) {
+  return add_relu_backward_cuda(nhwc(grad), nhwc(output), nhwc(x), optional_float(scale),
+                                nhwc(residual), optional_float(residual_scale));
 }
 
 at::Tensor statistics_backward(const at::Tensor& grad, const at::Tensor& y,
                                const at::Tensor& mean, const at::Tensor& grad_mean,
                                const at::Tensor& grad_var,
                                const c10::optional<at::Tensor>& grad_scale) {
-  c10::optional<at::Tensor> scale;
-  if (grad_scale.has_value()) scale = float_vector(*grad_scale);
   return statistics_backward_cuda(nhwc(grad), nhwc(y), float_vector(mean),
-                                  float_vector(grad_mean), float_vector(grad_var), scale);
+                                  float_vector(grad_mean), float_vector(grad_var),
+                                  optional_float(grad_scale));
 }
 
 }  // namespace fused_resnet
@@ -298,4 +308,5 @@ TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("cuda_channel_stats", &fused_resnet::cuda_channel_stats);
   m.impl("affine_relu_backward", &fused_resnet::affine_relu_backward);
   m.impl("statistics_backward", &fused_resnet::statistics_backward);
+  m.impl("add_relu_backward", &fused_resnet::add_relu_backward);
 }

@@ -105,16 +105,18 @@ void check_plan(const ConvProblem& p, const LaunchPlan& plan, const char* what) 
 }
 
 // Checks that CUTLASS takes the problem, then runs it on `stream`. `what` names the kernel in
-// the error. `workspace`: what a split-K launch asks for (the caller sized it from the plan).
+// the error. `workspace`: `workspace_bytes` for a kernel that asks for one (wgrad's split-K
+// partials, sized by the caller from the plan).
 template <typename Operator>
 void launch_operator(const typename Operator::Arguments& arguments, cudaStream_t stream,
-                     const char* what, void* workspace = nullptr) {
+                     const char* what, void* workspace = nullptr, size_t workspace_bytes = 0) {
   Operator op;
   cutlass::Status status = op.can_implement(arguments);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet ", what,
               ": CUTLASS cannot run this problem (", cutlassGetStatusString(status), ")");
-  TORCH_CHECK(workspace != nullptr || op.get_workspace_size(arguments) == 0, "fused_resnet ",
-              what, ": CUTLASS asks for a workspace that the launch did not provide");
+  TORCH_CHECK(op.get_workspace_size(arguments) <= workspace_bytes, "fused_resnet ", what,
+              ": CUTLASS asks for a workspace of ", op.get_workspace_size(arguments),
+              " bytes, the launch provides ", workspace_bytes);
   status = op.initialize(arguments, workspace, stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet ", what,
               ": CUTLASS initialization failed (", cutlassGetStatusString(status), ")");

@@ -1,9 +1,9 @@
 // Op schemas of the fused_resnet namespace and the Python module fused_resnet._C.
 //
 // The CUDA kernels register in their own files; the CPU kernels of the cuda_* ops, of
-// affine_relu_backward, statistics_backward and of the bn_* ops are their plain-PyTorch
-// references, registered from Python (fused_resnet/cuda_ops.py) so the ops can be checked
-// without a GPU.
+// affine_relu_backward, add_relu_backward, statistics_backward and of the bn_* ops are
+// their plain-PyTorch references, registered from Python (fused_resnet/cuda_ops.py) so the
+// ops can be checked without a GPU.
 //
 // Importing fused_resnet._C runs the static TORCH_LIBRARY registrations below; the module
 // itself exports nothing, everything is reached through torch.ops.fused_resnet.
@@ -45,6 +45,9 @@ std::vector<int64_t> conv_launch_plan_op(const std::string& kernel, at::IntArray
   p.k = problem[4], p.r = problem[5], p.s = problem[6], p.stride = problem[7];
   TORCH_CHECK(p.stride >= 1 && p.r % 2 == 1 && p.s % 2 == 1, "conv_launch_plan: odd filter "
               "extents and a stride >= 1 expected, got ", problem);
+  TORCH_CHECK(p.n > 0 && p.h > 0 && p.w > 0 && p.c > 0 && p.k > 0, "conv_launch_plan: the "
+              "extents n, h, w, c, k must be positive (no launch for an empty problem), got ",
+              problem);
   p.p = (p.h + 2 * (p.r / 2) - p.r) / p.stride + 1;
   p.q = (p.w + 2 * (p.s / 2) - p.s) / p.stride + 1;
   const LaunchPlan plan = conv_launch_plan(found->second, p, static_cast<int>(sm_count));
@@ -59,6 +62,8 @@ TORCH_LIBRARY(fused_resnet, m) {
         "Tensor? residual_scale, Tensor? residual_shift, bool relu) -> Tensor");
   m.def("affine_relu_backward(Tensor grad, Tensor x, Tensor? scale, Tensor? shift, "
         "Tensor? output) -> (Tensor, Tensor, Tensor)");
+  m.def("add_relu_backward(Tensor grad, Tensor output, Tensor x, Tensor? scale, "
+        "Tensor residual, Tensor? residual_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_conv(Tensor x, Tensor weight, int stride, Tensor? in_scale, Tensor? in_shift, "
         "Tensor? out_scale, Tensor? out_shift, Tensor? residual, bool out_relu, "
         "bool statistics) -> (Tensor, Tensor, Tensor)");

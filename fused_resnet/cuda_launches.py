@@ -66,20 +66,28 @@ def _channel_statistics(record: Record, x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _affine_relu_backward(record: Record, grad: Tensor, x: Tensor, scale, shift,
-                          output) -> tuple[Tensor, Tensor, Tensor]:
-    """channel_kernels.cu ``affine_relu_backward_cuda``: the masked pass with per-block
-    sums, then their merge (zero-filled sums only for an empty x)."""
+def _masked_affine_backward(record: Record, grad: Tensor, x: Tensor, scale, shift, output,
+                            residual=None, residual_scale=None) -> tuple:
+    """channel_kernels.cu ``masked_affine_backward``: the masked pass with per-block sums,
+    then their merge (zero-filled sums only for an empty x); (grad_x, dot, sum) and, with a
+    residual, (grad_residual, dot_residual) after them."""
     grad_x = torch.empty_like(x, memory_format=torch.channels_last)
     total = x.new_empty(x.shape[1], dtype=torch.float32)
-    dot = torch.empty_like(total)
+    sums = [torch.empty_like(total), total]  # dot, sum
+    second = []
+    if residual is not None:
+        second = [torch.empty_like(grad_x), torch.empty_like(total)]
+        sums.append(second[1])
     if x.numel() == 0:
-        return grad_x, dot.zero_(), total.zero_()
-    partials = _partials(x, 2)
-    record("affine_relu_backward_kernel",
-           [t for t in (grad, x, scale, shift, output, grad_x, partials) if t is not None])
-    record("sums_finish_kernel", [partials, total, dot])
-    return grad_x, dot, total
+        for t in sums:
+            t.zero_()
+    else:
+        partials = _partials(x, 3)
+        record("affine_relu_backward_kernel",
+               [t for t in (grad, x, scale, shift, output, residual, residual_scale, grad_x,
+                            *second[:1], partials) if t is not None])
+        record("sums_finish_kernel", [partials, *sums])
+    return (grad_x, *sums[:2], *second)
 
 
 def _plan(kernel: str, x: Tensor, weight: Tensor, stride: int) -> list[int]:
@@ -96,7 +104,8 @@ def cuda_conv(record: Record, x, weight, stride, in_scale, in_shift, out_scale, 
     x, weight = _nhwc(x), _nhwc(weight)
     if out_scale is not None:  # folded into the weight
         folded = torch.empty_like(weight, memory_format=torch.channels_last)
-        record("scaled_filters_kernel", [weight, out_scale.contiguous(), folded])
+        if weight.numel():
+            record("scaled_filters_kernel", [weight, out_scale.contiguous(), folded])
         weight = folded
     bias = _vector(out_shift, torch.float32)
     y, _, _ = op_support.conv_fake(x, weight, stride, in_scale, in_shift, out_scale,
@@ -120,8 +129,8 @@ def cuda_conv_dgrad(record: Record, grad, weight, x, stride, in_scale, in_shift)
     if in_scale is None:
         empty = x.new_empty(0, dtype=torch.float32)
         return grad_input, empty, torch.empty_like(empty)
-    return _affine_relu_backward(record, grad_input, x, _vector(in_scale, torch.float32),
-                                 _vector(in_shift, torch.float32), None)
+    return _masked_affine_backward(record, grad_input, x, _vector(in_scale, torch.float32),
+                                   _vector(in_shift, torch.float32), None)
 
 
 def cuda_conv_wgrad(record: Record, grad, x, weight, stride, in_scale, in_shift):
@@ -156,8 +165,16 @@ def cuda_channel_stats(record: Record, x):
 
 def affine_relu_backward(record: Record, grad, x, scale=None, shift=None, output=None):
     """conv_ops.cpp ``affine_relu_backward``."""
-    return _affine_relu_backward(record, _nhwc(grad), _nhwc(x), _vector(scale, torch.float32),
-                                 _vector(shift, torch.float32), _nhwc(output))
+    return _masked_affine_backward(record, _nhwc(grad), _nhwc(x),
+                                   _vector(scale, torch.float32),
+                                   _vector(shift, torch.float32), _nhwc(output))
+
+
+def add_relu_backward(record: Record, grad, output, x, scale, residual, residual_scale):
+    """conv_ops.cpp ``add_relu_backward``: both inputs in one masked pass."""
+    return _masked_affine_backward(record, _nhwc(grad), _nhwc(x), _vector(scale, torch.float32),
+                                   None, _nhwc(output), _nhwc(residual),
+                                   _vector(residual_scale, torch.float32))
 
 
 def scale_shift_add_relu(record: Record, x, scale, shift, residual, residual_scale,
@@ -239,7 +256,7 @@ def bn_update_running_stats(record: Record, mean, var, running_mean, running_var
 MODELS: dict[str, Callable] = {
     "cuda_conv": cuda_conv, "cuda_conv_dgrad": cuda_conv_dgrad,
     "cuda_conv_wgrad": cuda_conv_wgrad, "cuda_channel_stats": cuda_channel_stats,
-    "affine_relu_backward": affine_relu_backward,
+    "affine_relu_backward": affine_relu_backward, "add_relu_backward": add_relu_backward,
     "scale_shift_add_relu": scale_shift_add_relu, "bn_scale_shift": bn_scale_shift,
     "bn_update_running_stats": bn_update_running_stats,
     "bn_scale_shift_backward": bn_scale_shift_backward,

@@ -9,9 +9,10 @@ The schemas and the CUDA kernels are registered in C++ (``csrc/``) under the
       schemas of the ``triton_*`` ops (fakes and autograd shared, :mod:`op_support`);
   scale_shift_add_relu
       BN-apply + (BN'd) shortcut + ReLU in one pass (C++ CPU and CUDA kernels);
-  affine_relu_backward
-      the backward of that pass and of a BN-ReLU prologue: ReLU mask, input gradient and
-      per-channel reductions in one pass;
+  affine_relu_backward, add_relu_backward
+      the backward of that pass (for one input or for both, a block's shortcut with it) and
+      of a BN-ReLU prologue: ReLU mask, input gradients and per-channel reductions in one
+      pass;
   statistics_backward
       a conv output's gradient through its batch statistics added in one pass;
   bn_scale_shift, bn_scale_shift_backward, bn_update_running_stats
@@ -73,25 +74,38 @@ def scale_shift_add_relu(x: Tensor, scale: Tensor, shift: Tensor,
                                        residual_shift, relu)
 
 
+def _vectorizable(x: Tensor) -> bool:
+    """Whether the CUDA channel kernels take ``x``: they move 16-byte vectors of channels,
+    so other CUDA tensors (channel counts that do not fill them, fp64) take the
+    plain-PyTorch formula (CPU and meta tensors go to the op: its CPU kernel is that
+    formula)."""
+    return x.device.type != "cuda" or (
+        x.dtype != torch.float64 and x.shape[1] % (_VECTOR_BYTES // x.element_size()) == 0)
+
+
 def affine_relu_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor] = None,
                          shift: Optional[Tensor] = None,
                          output: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """See :func:`fused_resnet.op_reference.affine_relu_backward`. The CUDA kernel moves
-    16-byte vectors of channels; other CUDA tensors (channel counts that do not fill them,
-    fp64) take the plain-PyTorch formula."""
-    vector_width = _VECTOR_BYTES // x.element_size()
-    if x.device.type == "cuda" and (x.dtype == torch.float64 or x.shape[1] % vector_width):
+    """See :func:`fused_resnet.op_reference.affine_relu_backward` and
+    :func:`_vectorizable`."""
+    if not _vectorizable(x):
         return op_reference.affine_relu_backward(grad, x, scale, shift, output)
     return _ops().affine_relu_backward(grad, x, scale, shift, output)
 
 
+def add_relu_backward(grad: Tensor, output: Tensor, x: Tensor, scale: Optional[Tensor],
+                      residual: Tensor, residual_scale: Optional[Tensor]) -> tuple:
+    """See :func:`fused_resnet.op_reference.add_relu_backward` and :func:`_vectorizable`."""
+    if not _vectorizable(x):
+        return op_reference.add_relu_backward(grad, output, x, scale, residual, residual_scale)
+    return _ops().add_relu_backward(grad, output, x, scale, residual, residual_scale)
+
+
 def statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean: Tensor,
                         grad_var: Tensor, grad_scale: Optional[Tensor] = None) -> Tensor:
-    """See :func:`fused_resnet.op_reference.statistics_backward`. The CUDA kernel moves
-    16-byte vectors of channels; other CUDA tensors (channel counts that do not fill them,
-    fp64) take the plain-PyTorch formula."""
-    vector_width = _VECTOR_BYTES // y.element_size()
-    if y.device.type == "cuda" and (y.dtype == torch.float64 or y.shape[1] % vector_width):
+    """See :func:`fused_resnet.op_reference.statistics_backward` and
+    :func:`_vectorizable`."""
+    if not _vectorizable(y):
         return op_reference.statistics_backward(grad, y, mean, grad_mean, grad_var, grad_scale)
     return _ops().statistics_backward(grad, y, mean, grad_mean, grad_var, grad_scale)
 
@@ -144,6 +158,11 @@ def _affine_relu_backward_fake(grad, x, scale, shift, output):
             x.new_empty(x.shape[1], dtype=op_support.statistics_dtype(x)))
 
 
+def _add_relu_backward_fake(grad, output, x, scale, residual, residual_scale):
+    grad_x, dot, total = _affine_relu_backward_fake(grad, x, scale, None, output)
+    return grad_x, dot, total, torch.empty_like(grad_x), torch.empty_like(dot)
+
+
 def _scale_shift_add_relu_setup_context(ctx, inputs, output):
     x, scale, shift, residual, residual_scale, residual_shift, relu = inputs
     ctx.relu = relu
@@ -156,10 +175,17 @@ def _scale_shift_add_relu_setup_context(ctx, inputs, output):
 def _scale_shift_add_relu_backward(ctx, grad_output):
     x, scale, residual, residual_scale, output = ctx.saved_tensors
     mask = output if ctx.relu else None
-    grad_x, grad_scale, grad_shift = affine_relu_backward(grad_output, x, scale, None, mask)
-    grads = [grad_x, grad_scale, grad_shift, None, None, None]
-    if ctx.has_residual:
-        grads[3:] = affine_relu_backward(grad_output, residual, residual_scale, None, mask)
+    if ctx.has_residual and ctx.relu:  # both inputs' gradients in one pass
+        grad_x, grad_scale, grad_shift, grad_residual, grad_residual_scale = add_relu_backward(
+            grad_output, output, x, scale, residual, residual_scale)
+        grads = [grad_x, grad_scale, grad_shift, grad_residual, grad_residual_scale,
+                 grad_shift]
+    else:
+        grad_x, grad_scale, grad_shift = affine_relu_backward(grad_output, x, scale, None,
+                                                              mask)
+        grads = [grad_x, grad_scale, grad_shift, None, None, None]
+        if ctx.has_residual:
+            grads[3:] = affine_relu_backward(grad_output, residual, residual_scale, None, mask)
     for index, dtype in zip((1, 2, 4, 5), ctx.dtypes):
         grads[index] = None if dtype is None else grads[index].to(dtype)
     return (*grads, None)
@@ -174,6 +200,7 @@ def register_python_parts() -> None:
         "cuda_conv_wgrad": (op_support.conv_wgrad_fake, op_reference.conv_wgrad),
         "cuda_channel_stats": (op_support.channel_stats_fake, reference.batch_statistics),
         "affine_relu_backward": (_affine_relu_backward_fake, op_reference.affine_relu_backward),
+        "add_relu_backward": (_add_relu_backward_fake, op_reference.add_relu_backward),
         "bn_scale_shift": (op_support.bn_scale_shift_fake,
                            reference.scale_shift_from_statistics),
         "bn_update_running_stats": (lambda *args: None, reference.blend_running_stats),

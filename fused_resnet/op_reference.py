@@ -74,6 +74,18 @@ def affine_relu_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor],
             g.sum(_NON_CHANNEL_DIMS))
 
 
+def add_relu_backward(grad: Tensor, output: Tensor, x: Tensor, scale: Optional[Tensor],
+                      residual: Tensor, residual_scale: Optional[Tensor]) -> tuple:
+    """Backward of ``y = relu(x * scale + residual * residual_scale + shifts)`` (a block's
+    BN-add-ReLU; no scale: an identity) for both affine inputs, masked by ``output > 0``:
+    (g' * scale, sum g' * x, sum g', g' * residual_scale, sum g' * residual), as
+    :func:`affine_relu_backward` gives them for each input."""
+    grad_x, dot_x, total = affine_relu_backward(grad, x, scale, None, output)
+    grad_residual, dot_residual, _ = affine_relu_backward(grad, residual, residual_scale, None,
+                                                          output)
+    return grad_x, dot_x, total, grad_residual, dot_residual
+
+
 def statistics_backward(grad: Tensor, y: Tensor, mean: Tensor, grad_mean: Tensor,
                         grad_var: Tensor, grad_scale: Optional[Tensor] = None) -> Tensor:
     """The gradient of ``y`` when its per-channel (mean, biased variance) over the count

@@ -88,6 +88,11 @@ def test_cuda_conv_passes_opcheck_and_gradcheck_on_its_cpu_kernel(fusion):
     ("cuda_channel_stats", lambda a, g: (a["x"],)),
     ("affine_relu_backward", lambda a, g: (torch.randn_like(a["x"]), a["x"], a["in_scale"],
                                            a["in_shift"], None)),
+    ("add_relu_backward", lambda a, g: (torch.randn_like(a["x"]), torch.randn_like(a["x"]),
+                                        a["x"], a["in_scale"], torch.randn_like(a["x"]),
+                                        a["in_shift"])),
+    ("add_relu_backward", lambda a, g: (torch.randn_like(a["x"]), torch.randn_like(a["x"]),
+                                        a["x"], None, torch.randn_like(a["x"]), None)),
     ("statistics_backward", lambda a, g: (torch.randn_like(a["x"]), a["x"], a["in_scale"],
                                           a["in_shift"], a["in_scale"], None)),
     ("statistics_backward", lambda a, g: (torch.randn_like(a["x"]), a["x"], a["in_scale"],
@@ -424,6 +429,23 @@ def test_cuda_statistics_backward_within_eager_error(dtype, scaled, poisoned_cud
     fused = {"grad": cuda_ops.statistics_backward(*cast, *floats)}
     assert fused["grad"].is_contiguous(memory_format=torch.channels_last)
     assert errors_beyond_eager(fused, eager, truth) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("projection", [False, True], ids=["identity", "projection"])
+def test_cuda_add_relu_backward_is_both_single_input_passes(projection, poisoned_cuda_memory):
+    # The same masked pass, merged in the same order: bitwise what two single-input calls
+    # give (which test_cuda_block_within_eager_error checks against fp64).
+    grad, output, x, residual = (torch.randn(3, 24, 7, 5, device="cuda", dtype=torch.bfloat16)
+                                 .contiguous(memory_format=torch.channels_last)
+                                 for _ in range(4))
+    scale = torch.rand(24, device="cuda") + 0.5
+    residual_scale = torch.rand(24, device="cuda") + 0.5 if projection else None
+    fused = cuda_ops.add_relu_backward(grad, output, x, scale, residual, residual_scale)
+    main = cuda_ops.affine_relu_backward(grad, x, scale, None, output)
+    shortcut = cuda_ops.affine_relu_backward(grad, residual, residual_scale, None, output)
+    for got, expected in zip(fused, (*main, shortcut[0], shortcut[1])):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
