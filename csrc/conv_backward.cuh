@@ -82,7 +82,7 @@ void run_dgrad(const DgradLaunch& launch, cudaStream_t stream, const char* what)
                                          grad_input,
                                          grad_input,
                                          {1.f, 0.f}};
-  launch_operator<Operator>(arguments, stream, what);
+  launch_operator<Operator>(arguments, stream, launch.check_only, what);
 }
 
 template <typename Element, typename Tile>
@@ -122,15 +122,15 @@ void conv_wgrad_tiled(const WgradLaunch& launch, cudaStream_t stream) {
         partials,
         {1.f, 0.f},
         kParallel};
-    launch_operator<typename Kernels::PrologueWgrad>(arguments, stream,
+    launch_operator<typename Kernels::PrologueWgrad>(arguments, stream, launch.check_only,
                                                      "conv_wgrad (BN-ReLU prologue)",
                                                      launch.workspace, partials_bytes);
   } else {
     check_plan<typename Kernels::Wgrad>(p, launch.plan, "conv_wgrad");
     typename Kernels::Wgrad::Arguments arguments{size,     grad_output, x,        partials,
                                                  partials, {1.f, 0.f},  kParallel};
-    launch_operator<typename Kernels::Wgrad>(arguments, stream, "conv_wgrad",
-                                             launch.workspace, partials_bytes);
+    launch_operator<typename Kernels::Wgrad>(arguments, stream, launch.check_only,
+                                             "conv_wgrad", launch.workspace, partials_bytes);
   }
   using Reduction = typename Kernels::SplitKReduction;
   const int row = p.r * p.s * p.c;
@@ -142,7 +142,8 @@ void conv_wgrad_tiled(const WgradLaunch& launch, cudaStream_t stream) {
       {static_cast<Element*>(launch.grad_weight), row},
       {static_cast<Element*>(launch.grad_weight), row},
       {1.f, 0.f}};
-  launch_operator<Reduction>(reduction, stream, "conv_wgrad (split-K reduction)");
+  launch_operator<Reduction>(reduction, stream, launch.check_only,
+                            "conv_wgrad (split-K reduction)");
 }
 
 template <typename Element>

@@ -131,7 +131,8 @@ void conv_fprop_tiled(const FpropLaunch& launch, cudaStream_t stream) {
         residual,
         y,
         {1.f, launch.residual ? 1.f : 0.f}};
-    launch_operator<typename Kernels::Prologue>(arguments, stream, "conv_fprop (BN-ReLU prologue)");
+    launch_operator<typename Kernels::Prologue>(arguments, stream, launch.check_only,
+                                                "conv_fprop (BN-ReLU prologue)");
   } else {
     check_plan<typename Kernels::Broadcast>(p, launch.plan, "conv_fprop");
     typename Kernels::Broadcast::Arguments arguments{
@@ -144,7 +145,8 @@ void conv_fprop_tiled(const FpropLaunch& launch, cudaStream_t stream) {
         cutlass::conv::SplitKMode::kSerial,
         const_cast<float*>(launch.bias),
         nullptr};
-    launch_operator<typename Kernels::Broadcast>(arguments, stream, "conv_fprop");
+    launch_operator<typename Kernels::Broadcast>(arguments, stream, launch.check_only,
+                                                 "conv_fprop");
   }
 }
 

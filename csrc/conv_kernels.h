@@ -33,8 +33,16 @@ struct LaunchPlan {
 // every launch's grid.
 LaunchPlan conv_launch_plan(ConvKernel kernel, const ConvProblem& problem, int sm_count);
 
+// The dry run of `kernel`'s launch on `problem` as the ops make it (conv_launch_plan's plan for
+// `sm_count`, the launcher's CUTLASS arguments, check_only), for both element types: throws
+// what a launch would throw before reaching the GPU. Needs no GPU.
+void conv_launch_check(ConvKernel kernel, const ConvProblem& problem, int sm_count);
+
 // Each launch carries the plan conv_launch_plan made for it (conv_ops.cpp): the launcher runs
-// the kernel of the plan's tile and checks that the kernel's grid is the plan's.
+// the kernel of the plan's tile and checks that the kernel's grid is the plan's. With
+// check_only it does everything but launch: CUTLASS's can_implement and workspace checks on
+// the real arguments (placeholder pointers, never dereferenced), which runs without a GPU
+// (conv_launch_check, the CPU gate).
 
 // y = act(conv(prologue(x), W) [+ bias[k]] [+ residual])
 //   prologue(x) = relu(x * in_scale[c] + in_shift[c]) when in_scale is given (element-typed
@@ -52,6 +60,7 @@ struct FpropLaunch {
   const float* bias = nullptr;
   const void* residual = nullptr;
   bool relu = false;
+  bool check_only = false;
 };
 
 // grad_input = conv_transpose(grad_output, W): the gradient of the conv's input (before any
@@ -62,6 +71,7 @@ struct DgradLaunch {
   const void* grad_output;
   const void* weight;
   void* grad_input;
+  bool check_only = false;
 };
 
 // grad_weight (KRSC, the element type) = sum over pixels of grad_output x prologue(x); with
@@ -78,6 +88,7 @@ struct WgradLaunch {
   float* workspace;
   const void* in_scale = nullptr;
   const void* in_shift = nullptr;
+  bool check_only = false;
 };
 
 void conv_fprop_f16(const FpropLaunch& launch, cudaStream_t stream);

@@ -1,6 +1,7 @@
 // conv_launch_plan (conv_kernels.h): the tiles, grid and split-K of each CUTLASS kernel, read
 // from the kernels' own types, so the launchers and the CPU gate (tools/cuda_gate.py, through
-// the op fused_resnet::conv_launch_plan) see the same grid. Host code only.
+// the op fused_resnet::conv_launch_plan) see the same grid; and conv_launch_check, the dry run
+// of a launch by that plan. Host code only.
 //
 // The tile shapes do not depend on the element type; the half_t types stand for both.
 #include <algorithm>
@@ -85,6 +86,40 @@ LaunchPlan conv_launch_plan(ConvKernel kernel, const ConvProblem& p, int sm_coun
       return wgrad_plan<PrologueWgrad>(p, sm_count);
   }
   TORCH_CHECK(false, "conv_launch_plan: unknown kernel ", static_cast<int>(kernel));
+}
+
+void conv_launch_check(ConvKernel kernel, const ConvProblem& p, int sm_count) {
+  const LaunchPlan plan = conv_launch_plan(kernel, p, sm_count);
+  // Placeholder data: 16-byte aligned, never dereferenced by a check_only launch.
+  alignas(16) static char placeholder[16];
+  void* data = placeholder;
+  switch (kernel) {
+    case ConvKernel::kFprop:
+    case ConvKernel::kFpropPrologue: {
+      FpropLaunch launch{p, plan, data, data, data};
+      if (kernel == ConvKernel::kFpropPrologue) launch.in_scale = launch.in_shift = data;
+      launch.check_only = true;
+      conv_fprop_f16(launch, nullptr);
+      conv_fprop_bf16(launch, nullptr);
+      return;
+    }
+    case ConvKernel::kDgrad: {
+      DgradLaunch launch{p, plan, data, data, data};
+      launch.check_only = true;
+      conv_dgrad_f16(launch, nullptr);
+      conv_dgrad_bf16(launch, nullptr);
+      return;
+    }
+    case ConvKernel::kWgrad:
+    case ConvKernel::kWgradPrologue: {
+      WgradLaunch launch{p, plan, data, data, data, static_cast<float*>(data)};
+      if (kernel == ConvKernel::kWgradPrologue) launch.in_scale = launch.in_shift = data;
+      launch.check_only = true;
+      conv_wgrad_f16(launch, nullptr);
+      conv_wgrad_bf16(launch, nullptr);
+      return;
+    }
+  }
 }
 
 }  // namespace fused_resnet

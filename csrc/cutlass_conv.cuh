@@ -104,12 +104,14 @@ void check_plan(const ConvProblem& p, const LaunchPlan& plan, const char* what) 
               "fused_resnet ", what, ": the kernel's tiles differ from the launch plan's");
 }
 
-// Checks that CUTLASS takes the problem, then runs it on `stream`. `what` names the kernel in
-// the error. `workspace`: `workspace_bytes` for a kernel that asks for one (wgrad's split-K
-// partials, sized by the caller from the plan).
+// Checks that CUTLASS takes the problem, then runs it on `stream` (unless `check_only`: the
+// CPU gate's dry run, whose pointers are placeholders). `what` names the kernel in the error.
+// `workspace`: `workspace_bytes` for a kernel that asks for one (wgrad's split-K partials,
+// sized by the caller from the plan).
 template <typename Operator>
 void launch_operator(const typename Operator::Arguments& arguments, cudaStream_t stream,
-                     const char* what, void* workspace = nullptr, size_t workspace_bytes = 0) {
+                     bool check_only, const char* what, void* workspace = nullptr,
+                     size_t workspace_bytes = 0) {
   Operator op;
   cutlass::Status status = op.can_implement(arguments);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet ", what,
@@ -117,6 +119,7 @@ void launch_operator(const typename Operator::Arguments& arguments, cudaStream_t
   TORCH_CHECK(op.get_workspace_size(arguments) <= workspace_bytes, "fused_resnet ", what,
               ": CUTLASS asks for a workspace of ", op.get_workspace_size(arguments),
               " bytes, the launch provides ", workspace_bytes);
+  if (check_only) return;
   status = op.initialize(arguments, workspace, stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet ", what,
               ": CUTLASS initialization failed (", cutlassGetStatusString(status), ")");

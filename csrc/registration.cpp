@@ -23,11 +23,10 @@
 namespace fused_resnet {
 namespace {
 
-// conv_launch_plan for Python (the CPU gate, tools/cuda_gate.py): the kernel by name, the
-// problem as [n, h, w, c, k, r, s, stride] ("same" padding); returns
-// [tile_m, tile_n, tile_k, grid_m, grid_n, split_k].
-std::vector<int64_t> conv_launch_plan_op(const std::string& kernel, at::IntArrayRef problem,
-                                         int64_t sm_count) {
+// A kernel named as Python names it and a problem [n, h, w, c, k, r, s, stride] ("same"
+// padding), as conv_launch_plan and conv_launch_check take them.
+std::pair<ConvKernel, ConvProblem> parse_launch(const char* op, const std::string& kernel,
+                                                at::IntArrayRef problem) {
   static const std::pair<std::string_view, ConvKernel> kKernels[] = {
       {"fprop", ConvKernel::kFprop},
       {"fprop_prologue", ConvKernel::kFpropPrologue},
@@ -36,22 +35,35 @@ std::vector<int64_t> conv_launch_plan_op(const std::string& kernel, at::IntArray
       {"wgrad_prologue", ConvKernel::kWgradPrologue}};
   const auto* found = std::find_if(std::begin(kKernels), std::end(kKernels),
                                    [&](const auto& entry) { return entry.first == kernel; });
-  TORCH_CHECK(found != std::end(kKernels), "conv_launch_plan: kernel must be one of fprop, "
+  TORCH_CHECK(found != std::end(kKernels), op, ": kernel must be one of fprop, "
               "fprop_prologue, dgrad, wgrad, wgrad_prologue; got '", kernel, "'");
-  TORCH_CHECK(problem.size() == 8, "conv_launch_plan: problem must be [n, h, w, c, k, r, s, "
-              "stride], got ", problem);
+  TORCH_CHECK(problem.size() == 8, op, ": problem must be [n, h, w, c, k, r, s, stride], got ",
+              problem);
   ConvProblem p;
   p.n = problem[0], p.h = problem[1], p.w = problem[2], p.c = problem[3];
   p.k = problem[4], p.r = problem[5], p.s = problem[6], p.stride = problem[7];
-  TORCH_CHECK(p.stride >= 1 && p.r % 2 == 1 && p.s % 2 == 1, "conv_launch_plan: odd filter "
-              "extents and a stride >= 1 expected, got ", problem);
-  TORCH_CHECK(p.n > 0 && p.h > 0 && p.w > 0 && p.c > 0 && p.k > 0, "conv_launch_plan: the "
-              "extents n, h, w, c, k must be positive (no launch for an empty problem), got ",
-              problem);
+  TORCH_CHECK(p.stride >= 1 && p.r % 2 == 1 && p.s % 2 == 1, op, ": odd filter extents and a "
+              "stride >= 1 expected, got ", problem);
+  TORCH_CHECK(p.n > 0 && p.h > 0 && p.w > 0 && p.c > 0 && p.k > 0, op, ": the extents n, h, "
+              "w, c, k must be positive (no launch for an empty problem), got ", problem);
   p.p = (p.h + 2 * (p.r / 2) - p.r) / p.stride + 1;
   p.q = (p.w + 2 * (p.s / 2) - p.s) / p.stride + 1;
-  const LaunchPlan plan = conv_launch_plan(found->second, p, static_cast<int>(sm_count));
+  return {found->second, p};
+}
+
+// fused_resnet::conv_launch_plan: [tile_m, tile_n, tile_k, grid_m, grid_n, split_k].
+std::vector<int64_t> conv_launch_plan_op(const std::string& kernel, at::IntArrayRef problem,
+                                         int64_t sm_count) {
+  const auto [which, p] = parse_launch("conv_launch_plan", kernel, problem);
+  const LaunchPlan plan = conv_launch_plan(which, p, static_cast<int>(sm_count));
   return {plan.tile_m, plan.tile_n, plan.tile_k, plan.grid_m, plan.grid_n, plan.split_k};
+}
+
+// fused_resnet::conv_launch_check: throws what the launch would throw before the GPU.
+void conv_launch_check_op(const std::string& kernel, at::IntArrayRef problem,
+                          int64_t sm_count) {
+  const auto [which, p] = parse_launch("conv_launch_check", kernel, problem);
+  conv_launch_check(which, p, static_cast<int>(sm_count));
 }
 
 }  // namespace
@@ -83,6 +95,8 @@ TORCH_LIBRARY(fused_resnet, m) {
   // Host arithmetic, no tensors: runs anywhere, a machine without a GPU included.
   m.def("conv_launch_plan(str kernel, int[] problem, int sm_count) -> int[]",
         &fused_resnet::conv_launch_plan_op);
+  m.def("conv_launch_check(str kernel, int[] problem, int sm_count) -> ()",
+        &fused_resnet::conv_launch_check_op);
 }
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {

@@ -245,6 +245,18 @@ def test_small_tiles_only_where_large_ones_leave_multiprocessors_idle(kernel):
     assert _launch_plan(kernel, [256, 7, 7, 512, 512, 3, 3, 1], 132)["tile"] == (128, 128, 32)
 
 
+@pytest.mark.parametrize("kernel", ["fprop", "fprop_prologue", "dgrad", "wgrad",
+                                    "wgrad_prologue"])
+def test_launch_dry_run_passes_real_launches_and_rejects_what_cutlass_cannot_run(kernel):
+    # The launchers' host code without a GPU: one-slice and split-K wgrad, both tiles, stride 2.
+    for problem in ([1, 9, 7, 16, 32, 3, 3, 1], [256, 56, 56, 64, 64, 3, 3, 1],
+                    [32, 14, 14, 256, 512, 3, 3, 2]):
+        torch.ops.fused_resnet.conv_launch_check(kernel, problem, 132)
+    # 12 channels: CUTLASS's 8-element vectors do not fit, and its can_implement says so.
+    with pytest.raises(RuntimeError, match="CUTLASS cannot run this problem"):
+        torch.ops.fused_resnet.conv_launch_check(kernel, [1, 8, 8, 12, 16, 3, 3, 1], 132)
+
+
 @pytest.mark.parametrize("kernel, problem, message", [
     ("conv", [1, 8, 8, 8, 8, 3, 3, 1], "kernel must be one of fprop, .* got 'conv'"),
     ("fprop", [1, 8, 8, 8, 8, 3, 3], r"problem must be \[n, h, w, c, k, r, s, stride\]"),

@@ -11,7 +11,11 @@ Each distinct launch is planned by ``fused_resnet::conv_launch_plan``, the C++ f
 the ops themselves launch by (tile shape and swizzle read from the instantiated CUTLASS
 types, wgrad's split-K chosen for the GPU's multiprocessor count), for an H100/H200 (132
 SMs) and an A100 (108 SMs). It fails when a launch has fewer threadblocks than the GPU
-has SMs: less than one full wave leaves multiprocessors idle for the whole kernel.
+has SMs: less than one full wave leaves multiprocessors idle for the whole kernel. Each
+launch is also dry-run (``fused_resnet::conv_launch_check``): the launcher's own code builds
+the CUTLASS arguments, checks the plan's grid against the kernel's and runs CUTLASS's
+``can_implement`` and workspace checks, for fp16 and bf16, stopping short of the GPU; it
+fails on anything that launch would throw.
 
 Kernels. ``cuobjdump`` (the CUDA toolkit's or the one bundled with triton) reads the
 extension's cubins: per CUTLASS kernel and architecture the registers, the stack frame
@@ -112,12 +116,24 @@ def plan(launch: Launch, sm_count: int) -> dict:
             "blocks": blocks, "waves": blocks / sm_count}
 
 
+def dry_run_failure(launch: Launch, sm_count: int) -> str | None:
+    """What the launch would throw before reaching the GPU, or None."""
+    import torch
+    try:
+        torch.ops.fused_resnet.conv_launch_check(launch.kernel, list(launch.problem), sm_count)
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    return None
+
+
 def launch_rows(launches: list[Launch]) -> list[dict]:
     rows = []
     for launch in launches:
         plans = {gpu: plan(launch, count) for gpu, count in SM_COUNTS.items()}
         failures = [f"{plans[gpu]['blocks']} threadblocks < {count} SMs of an {gpu}"
                     for gpu, count in SM_COUNTS.items() if plans[gpu]["waves"] < 1]
+        failures += [f"dry run on an {gpu}: {failure}" for gpu, count in SM_COUNTS.items()
+                     if (failure := dry_run_failure(launch, count)) is not None]
         rows.append({"name": launch.name, "kernel": launch.kernel,
                      "problem": list(launch.problem), "plans": plans, "failures": failures})
     return rows
