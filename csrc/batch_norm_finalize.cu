@@ -8,6 +8,10 @@
 //   bn_update_running_stats(mean, var, running_mean!, running_var!, factor, count)
 //       running = (1 - factor) * running + factor * batch, variance unbiased
 //       (var * count / (count - 1)); running statistics in their own dtype, math in fp32.
+//   bn_train_finalize(mean, var, weight?, bias?, eps, running_mean!?, running_var!?,
+//                     num_batches_tracked!?, momentum?, count) -> (scale, shift)
+//       a training BN's finalize in one launch: scale/shift, the running statistics' update
+//       and the batch count (momentum None: the cumulative average).
 //   bn_scale_shift_backward(grad_scale, grad_shift, mean, var, weight?, bias?, eps)
 //       -> [grad_mean, grad_var, grad_weight, grad_bias] (the last two empty when absent):
 //       with rstd = (var + eps)^(-1/2), g = grad_scale - grad_shift * mean,
@@ -42,6 +46,35 @@ constexpr int kThreads = 128;
 // Statistics and parameters are read in their own dtypes (a .half() or .bfloat16()
 // module's running statistics and affine parameters), so that no conversion launches
 // before this one.
+// scale[c] and shift[c] from channel c's statistics and parameters.
+template <typename stat_t, typename param_t>
+__device__ void store_scale_shift(int c, const stat_t* __restrict__ mean,
+                                  const stat_t* __restrict__ var,
+                                  const param_t* __restrict__ weight,
+                                  const param_t* __restrict__ bias, float eps,
+                                  float* __restrict__ scale, float* __restrict__ shift) {
+  const float s = rsqrtf(static_cast<float>(var[c]) + eps) *
+                  (weight != nullptr ? static_cast<float>(weight[c]) : 1.f);
+  scale[c] = s;
+  shift[c] = (bias != nullptr ? static_cast<float>(bias[c]) : 0.f) -
+             static_cast<float>(mean[c]) * s;
+}
+
+// Channel c's running statistics moved `factor` of the way to the batch's (variance unbiased).
+template <typename running_t>
+__device__ void blend_running_stats(int c, const float* __restrict__ mean,
+                                    const float* __restrict__ var,
+                                    running_t* __restrict__ running_mean,
+                                    running_t* __restrict__ running_var, double factor,
+                                    double unbias) {
+  using acc_t = at::opmath_type<running_t>;
+  const acc_t keep = acc_t(1) - acc_t(factor);
+  running_mean[c] = static_cast<running_t>(static_cast<acc_t>(running_mean[c]) * keep +
+                                           acc_t(mean[c]) * acc_t(factor));
+  running_var[c] = static_cast<running_t>(static_cast<acc_t>(running_var[c]) * keep +
+                                          acc_t(var[c]) * acc_t(unbias) * acc_t(factor));
+}
+
 template <typename stat_t, typename param_t>
 __global__ void bn_scale_shift_kernel(const stat_t* __restrict__ mean,
                                       const stat_t* __restrict__ var,
@@ -49,12 +82,7 @@ __global__ void bn_scale_shift_kernel(const stat_t* __restrict__ mean,
                                       const param_t* __restrict__ bias, float eps, int channels,
                                       float* __restrict__ scale, float* __restrict__ shift) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  const float s = rsqrtf(static_cast<float>(var[c]) + eps) *
-                  (weight != nullptr ? static_cast<float>(weight[c]) : 1.f);
-  scale[c] = s;
-  shift[c] = (bias != nullptr ? static_cast<float>(bias[c]) : 0.f) -
-             static_cast<float>(mean[c]) * s;
+  if (c < channels) store_scale_shift(c, mean, var, weight, bias, eps, scale, shift);
 }
 
 template <typename running_t>
@@ -63,14 +91,39 @@ __global__ void bn_update_running_stats_kernel(const float* __restrict__ mean,
                                                running_t* __restrict__ running_mean,
                                                running_t* __restrict__ running_var,
                                                double factor, double unbias, int channels) {
-  using acc_t = at::opmath_type<running_t>;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  const acc_t keep = acc_t(1) - acc_t(factor);
-  running_mean[c] = static_cast<running_t>(static_cast<acc_t>(running_mean[c]) * keep +
-                                           acc_t(mean[c]) * acc_t(factor));
-  running_var[c] = static_cast<running_t>(static_cast<acc_t>(running_var[c]) * keep +
-                                          acc_t(var[c]) * acc_t(unbias) * acc_t(factor));
+  if (c < channels) blend_running_stats(c, mean, var, running_mean, running_var, factor, unbias);
+}
+
+// A training BN's whole finalize in one launch of one block: counts the batch in
+// num_batches_tracked (when given), blends the running statistics (when given) with
+// `momentum`, or with 1 / num_batches_tracked when momentum < 0 (the cumulative average), and
+// writes scale/shift. One block, so that the count is read and written once before any
+// channel uses it.
+template <typename param_t, typename running_t>
+__global__ void bn_train_finalize_kernel(
+    const float* __restrict__ mean, const float* __restrict__ var,
+    const param_t* __restrict__ weight, const param_t* __restrict__ bias, float eps,
+    running_t* __restrict__ running_mean, running_t* __restrict__ running_var,
+    int64_t* __restrict__ num_batches_tracked, double momentum, double unbias, int channels,
+    float* __restrict__ scale, float* __restrict__ shift) {
+  __shared__ double factor;
+  if (threadIdx.x == 0) {
+    double f = momentum;
+    if (num_batches_tracked != nullptr) {
+      const int64_t batches = *num_batches_tracked + 1;
+      *num_batches_tracked = batches;
+      if (momentum < 0) f = 1.0 / static_cast<double>(batches);
+    }
+    factor = f;
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < channels; c += blockDim.x) {
+    store_scale_shift(c, mean, var, weight, bias, eps, scale, shift);
+    if (running_mean != nullptr) {
+      blend_running_stats(c, mean, var, running_mean, running_var, factor, unbias);
+    }
+  }
 }
 
 void check_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& mean) {
@@ -207,6 +260,63 @@ std::tuple<at::Tensor, at::Tensor> bn_scale_shift_cuda(const at::Tensor& mean,
   return {scale.to(dtype), shift.to(dtype)};
 }
 
+std::tuple<at::Tensor, at::Tensor> bn_train_finalize_cuda(
+    const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& num_batches_tracked, c10::optional<double> momentum,
+    int64_t count) {
+  constexpr const char* op = "bn_train_finalize";
+  const FinalizeTypes types = finalize_types(op, mean, var, weight, bias);
+  const bool running = running_mean.has_value();
+  TORCH_CHECK(running == running_var.has_value(), op,
+              ": running_mean and running_var go together");
+  if (running) {
+    check_vector(op, "running_mean", *running_mean, mean);
+    check_vector(op, "running_var", *running_var, mean);
+    TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous() &&
+                    running_mean->scalar_type() == running_var->scalar_type(),
+                op, ": running_mean and running_var must be contiguous, of one dtype");
+    TORCH_CHECK(count > 1, op, ": count must be > 1 for the unbiased variance, got ", count);
+    TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value(), op,
+                ": the cumulative average (momentum None) needs num_batches_tracked");
+  }
+  if (num_batches_tracked.has_value()) {
+    TORCH_CHECK(num_batches_tracked->numel() == 1 &&
+                    num_batches_tracked->scalar_type() == at::kLong &&
+                    num_batches_tracked->device() == mean.device(),
+                op, ": num_batches_tracked must be one int64 on ", mean.device());
+  }
+  const c10::cuda::CUDAGuard device_guard(mean.device());
+  const at::Tensor mean_f = as_float(mean), var_f = as_float(var);
+  const at::Tensor weight_d = read_as(weight, types.params), bias_d = read_as(bias, types.params);
+  const auto options = mean.options().dtype(at::kFloat);
+  at::Tensor scale = at::empty({mean.numel()}, options), shift = at::empty({mean.numel()}, options);
+  const auto running_type = running ? running_mean->scalar_type() : at::kFloat;
+  const int threads = static_cast<int>(std::min<int64_t>(
+      1024, std::max<int64_t>(32, (mean.numel() + 31) / 32 * 32)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, types.params, op, [&] {
+    using param_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_type, op, [&] {
+      bn_train_finalize_kernel<param_t, scalar_t>
+          <<<1, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              mean_f.const_data_ptr<float>(), var_f.const_data_ptr<float>(),
+              weight_d.defined() ? weight_d.const_data_ptr<param_t>() : nullptr,
+              bias_d.defined() ? bias_d.const_data_ptr<param_t>() : nullptr,
+              static_cast<float>(eps),
+              running ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
+              running ? running_var->mutable_data_ptr<scalar_t>() : nullptr,
+              num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>()
+                                              : nullptr,
+              momentum.value_or(-1.0), running ? static_cast<double>(count) / (count - 1) : 1.0,
+              static_cast<int>(mean.numel()), scale.mutable_data_ptr<float>(),
+              shift.mutable_data_ptr<float>());
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {scale, shift};
+}
+
 std::vector<at::Tensor> bn_scale_shift_backward_cuda(
     const at::Tensor& grad_scale, const at::Tensor& grad_shift, const at::Tensor& mean,
     const at::Tensor& var, const c10::optional<at::Tensor>& weight,
@@ -285,4 +395,5 @@ TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("bn_scale_shift", &fused_resnet::bn_scale_shift_cuda);
   m.impl("bn_update_running_stats", &fused_resnet::bn_update_running_stats_cuda);
   m.impl("bn_scale_shift_backward", &fused_resnet::bn_scale_shift_backward_cuda);
+  m.impl("bn_train_finalize", &fused_resnet::bn_train_finalize_cuda);
 }

@@ -148,16 +148,16 @@ void conv_wgrad_tiled(const WgradLaunch& launch, cudaStream_t stream) {
 
 template <typename Element>
 void conv_dgrad(const DgradLaunch& launch, cudaStream_t stream) {
-  launch.plan.tile_m == SmallTile::Threadblock::kM
-      ? conv_dgrad_tiled<Element, SmallTile>(launch, stream)
-      : conv_dgrad_tiled<Element, LargeTile>(launch, stream);
+  with_tile_of(launch.plan, [&](auto tile) {
+    conv_dgrad_tiled<Element, decltype(tile)>(launch, stream);
+  });
 }
 
 template <typename Element>
 void conv_wgrad(const WgradLaunch& launch, cudaStream_t stream) {
-  launch.plan.tile_m == SmallTile::Threadblock::kM
-      ? conv_wgrad_tiled<Element, SmallTile>(launch, stream)
-      : conv_wgrad_tiled<Element, LargeTile>(launch, stream);
+  with_tile_of(launch.plan, [&](auto tile) {
+    conv_wgrad_tiled<Element, decltype(tile)>(launch, stream);
+  });
 }
 
 }  // namespace fused_resnet::cutlass_conv

@@ -152,9 +152,9 @@ void conv_fprop_tiled(const FpropLaunch& launch, cudaStream_t stream) {
 
 template <typename Element>
 void conv_fprop(const FpropLaunch& launch, cudaStream_t stream) {
-  launch.plan.tile_m == SmallTile::Threadblock::kM
-      ? conv_fprop_tiled<Element, SmallTile>(launch, stream)
-      : conv_fprop_tiled<Element, LargeTile>(launch, stream);
+  with_tile_of(launch.plan, [&](auto tile) {
+    conv_fprop_tiled<Element, decltype(tile)>(launch, stream);
+  });
 }
 
 }  // namespace fused_resnet::cutlass_conv

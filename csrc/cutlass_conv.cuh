@@ -92,6 +92,16 @@ cutlass::TensorRef<Element, cutlass::layout::RowMajor> channel_vector(const void
   return {static_cast<Element*>(const_cast<void*>(data)), cutlass::layout::RowMajor(channels)};
 }
 
+// Calls run(Tile{}) with the tile configuration of `plan` (LargeTile or SmallTile).
+template <typename Run>
+void with_tile_of(const LaunchPlan& plan, Run&& run) {
+  if (plan.tile_m == SmallTile::Threadblock::kM) {
+    run(SmallTile{});
+  } else {
+    run(LargeTile{});
+  }
+}
+
 // Whether `plan` (conv_launch_plan's, which the op launched by) is what `Operator` makes of
 // `p`: a launcher that picked another kernel than the plan says would fail here, not launch a
 // grid that the CPU gate never saw.

@@ -88,6 +88,9 @@ TORCH_LIBRARY(fused_resnet, m) {
         "-> (Tensor, Tensor)");
   m.def("bn_update_running_stats(Tensor mean, Tensor var, Tensor(a!) running_mean, "
         "Tensor(b!) running_var, float factor, int count) -> ()");
+  m.def("bn_train_finalize(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+        "float? momentum, int count) -> (Tensor, Tensor)");
   m.def("bn_scale_shift_backward(Tensor grad_scale, Tensor grad_shift, Tensor mean, "
         "Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor[]");
   m.def("statistics_backward(Tensor grad, Tensor y, Tensor mean, Tensor grad_mean, "

@@ -243,6 +243,21 @@ def bn_scale_shift_backward(record: Record, grad_scale, grad_shift, mean, var, w
             grad_bias if bias is None else grad_bias.to(bias.dtype)]
 
 
+def bn_train_finalize(record: Record, mean, var, weight, bias, eps, running_mean, running_var,
+                      num_batches_tracked, momentum, count):
+    """batch_norm_finalize.cu ``bn_train_finalize_cuda``: one kernel (one block)."""
+    stats = [_vector(mean, torch.float32), _vector(var, torch.float32)]
+    params = [p for p in (weight, bias) if p is not None]
+    if len({p.dtype for p in params}) > 1:
+        params = [_vector(p, torch.float32) for p in params]
+    scale = mean.new_empty(mean.numel(), dtype=torch.float32)
+    shift = torch.empty_like(scale)
+    record("bn_train_finalize_kernel",
+           [t for t in (*stats, *params, running_mean, running_var, num_batches_tracked,
+                        scale, shift) if t is not None])
+    return scale, shift
+
+
 def bn_update_running_stats(record: Record, mean, var, running_mean, running_var, factor,
                             count):
     """batch_norm_finalize.cu ``bn_update_running_stats_cuda``."""
@@ -259,6 +274,6 @@ MODELS: dict[str, Callable] = {
     "affine_relu_backward": affine_relu_backward, "add_relu_backward": add_relu_backward,
     "scale_shift_add_relu": scale_shift_add_relu, "bn_scale_shift": bn_scale_shift,
     "bn_update_running_stats": bn_update_running_stats,
-    "bn_scale_shift_backward": bn_scale_shift_backward,
+    "bn_scale_shift_backward": bn_scale_shift_backward, "bn_train_finalize": bn_train_finalize,
     "statistics_backward": statistics_backward,
 }

@@ -15,9 +15,10 @@ The schemas and the CUDA kernels are registered in C++ (``csrc/``) under the
       pass;
   statistics_backward
       a conv output's gradient through its batch statistics added in one pass;
-  bn_scale_shift, bn_scale_shift_backward, bn_update_running_stats
+  bn_scale_shift, bn_scale_shift_backward, bn_update_running_stats, bn_train_finalize
       the BatchNorm finalize: batch statistics to scale/shift (differentiable, its
-      backward one kernel), and the running-statistics update.
+      backward one kernel), the running-statistics update, and a training BN's whole
+      finalize (scale/shift, running statistics, batch count) in one launch.
 
 ``scale_shift_add_relu`` has a C++ CPU kernel; the CPU kernels of the other ops are their
 plain-PyTorch meaning (:mod:`fused_resnet.op_reference`, :mod:`fused_resnet.reference`),
@@ -134,8 +135,22 @@ def _bn_update_running_stats(mean: Tensor, var: Tensor, running_mean: Tensor,
                                                    factor, count)
 
 
+def _bn_train_finalize(mean, var, weight, bias, eps, running_mean, running_var,
+                       num_batches_tracked, momentum, count) -> tuple[Tensor, Tensor]:
+    # A training BN's scale/shift, running statistics and batch count in one launch.
+    return _ops().bn_train_finalize(mean, var, weight, bias, eps, running_mean, running_var,
+                                    num_batches_tracked, momentum, count)
+
+
+def _bn_scale_shift_backward_op(*args) -> list[Tensor]:
+    return _ops().bn_scale_shift_backward(*args)
+
+
 KERNELS = Kernels(conv=cuda_conv, bn_add_relu=_bn_add_relu, channel_stats=cuda_channel_stats,
-                  finalize=reference.Finalize(_bn_scale_shift, _bn_update_running_stats))
+                  finalize=reference.Finalize(
+                      _bn_scale_shift, _bn_update_running_stats,
+                      training=op_support.train_finalize(_bn_train_finalize,
+                                                         _bn_scale_shift_backward_op)))
 
 
 # --- fakes, CPU kernels, autograd --------------------------------------------------------
@@ -161,6 +176,10 @@ def _affine_relu_backward_fake(grad, x, scale, shift, output):
 def _add_relu_backward_fake(grad, output, x, scale, residual, residual_scale):
     grad_x, dot, total = _affine_relu_backward_fake(grad, x, scale, None, output)
     return grad_x, dot, total, torch.empty_like(grad_x), torch.empty_like(dot)
+
+
+def _bn_train_finalize_fake(mean, var, weight, bias, eps, *running_and_count):
+    return op_support.bn_scale_shift_fake(mean, var, weight, bias, eps)
 
 
 def _scale_shift_add_relu_setup_context(ctx, inputs, output):
@@ -208,6 +227,7 @@ def register_python_parts() -> None:
                                     op_reference.bn_scale_shift_backward),
         "statistics_backward": (op_support.statistics_backward_fake,
                                 op_reference.statistics_backward),
+        "bn_train_finalize": (_bn_train_finalize_fake, op_reference.bn_train_finalize),
     }
     for name, (fake, cpu_kernel) in ops.items():
         torch.library.register_fake(f"fused_resnet::{name}")(fake)

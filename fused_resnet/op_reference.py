@@ -74,6 +74,23 @@ def affine_relu_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor],
             g.sum(_NON_CHANNEL_DIMS))
 
 
+def bn_train_finalize(mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                      bias: Optional[Tensor], eps: float, running_mean: Optional[Tensor],
+                      running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                      momentum: Optional[float], count: int) -> tuple[Tensor, Tensor]:
+    """A training BN's finalize from its batch statistics over ``count`` values per channel:
+    counts the batch, moves the running statistics ``momentum`` of the way (1 /
+    num_batches_tracked when None), and returns (scale, shift), as
+    :func:`fused_resnet.reference.normalization` does it step by step."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is not None:
+        factor = (1.0 / float(num_batches_tracked.item()) if momentum is None else momentum)
+        reference.blend_running_stats(mean.detach(), var.detach(), running_mean, running_var,
+                                      factor, count)
+    return reference.scale_shift_from_statistics(mean, var, weight, bias, eps)
+
+
 def add_relu_backward(grad: Tensor, output: Tensor, x: Tensor, scale: Optional[Tensor],
                       residual: Tensor, residual_scale: Optional[Tensor]) -> tuple:
     """Backward of ``y = relu(x * scale + residual * residual_scale + shifts)`` (a block's

@@ -240,6 +240,29 @@ def bn_scale_shift_backward(backward_op: Callable) -> Callable:
     return backward
 
 
+def train_finalize(finalize_op: Callable, backward_op: Callable) -> Callable:
+    """A backend's training finalize op (the signature of ``reference.Finalize.training``,
+    mutating the running statistics and the batch count) with the gradient of its (scale,
+    shift) through the backend's ``bn_scale_shift_backward`` op: an autograd Function's
+    ``apply``, as a custom op that mutates its inputs cannot carry an autograd formula
+    itself."""
+    backward = bn_scale_shift_backward(backward_op)
+
+    class TrainFinalize(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, mean, var, weight, bias, eps, running_mean, running_var,
+                    num_batches_tracked, momentum, count):
+            bn_scale_shift_setup_context(ctx, (mean, var, weight, bias, eps), None)
+            return finalize_op(mean, var, weight, bias, eps, running_mean, running_var,
+                               num_batches_tracked, momentum, count)
+
+        @staticmethod
+        def backward(ctx, grad_scale, grad_shift):
+            return backward(ctx, grad_scale, grad_shift) + (None,) * 5
+
+    return TrainFinalize.apply
+
+
 def _stats_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output[0])
 

@@ -282,9 +282,9 @@ def _scale_shift_gradients(grad_scale, grad_shift, mean, var, weight, bias, eps)
                                             grad_shift, mean, var, weight, bias, eps)
 
 
-_bn_scale_shift_backward = op_support.bn_scale_shift_backward(triton_bn_scale_shift_backward)
-triton_bn_scale_shift.register_autograd(_bn_scale_shift_backward,
-                                        setup_context=op_support.bn_scale_shift_setup_context)
+triton_bn_scale_shift.register_autograd(
+    op_support.bn_scale_shift_backward(triton_bn_scale_shift_backward),
+    setup_context=op_support.bn_scale_shift_setup_context)
 
 
 _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
@@ -334,22 +334,6 @@ def triton_bn_train_finalize(mean: Tensor, var: Tensor, weight: Optional[Tensor]
 @triton_bn_train_finalize.register_fake
 def _triton_bn_train_finalize_fake(mean, var, weight, bias, eps, *running_and_count):
     return op_support.bn_scale_shift_fake(mean, var, weight, bias, eps)
-
-
-class _TrainFinalize(torch.autograd.Function):
-    """:func:`triton_bn_train_finalize` with the gradient of its (scale, shift) outputs: a
-    custom op that mutates its inputs cannot carry an autograd formula itself."""
-
-    @staticmethod
-    def forward(ctx, mean, var, weight, bias, eps, running_mean, running_var,
-                num_batches_tracked, momentum, count):
-        op_support.bn_scale_shift_setup_context(ctx, (mean, var, weight, bias, eps), None)
-        return triton_bn_train_finalize(mean, var, weight, bias, eps, running_mean,
-                                        running_var, num_batches_tracked, momentum, count)
-
-    @staticmethod
-    def backward(ctx, grad_scale, grad_shift):
-        return _bn_scale_shift_backward(ctx, grad_scale, grad_shift) + (None,) * 5
 
 
 # --- a conv feeding a training BatchNorm: the statistics merge in the finalize ----------
@@ -613,6 +597,8 @@ KERNELS = Kernels(conv=triton_conv, bn_add_relu=triton_bn_add_relu,
                   conv_sharing_input=op_support.conv_sharing_input(triton_conv,
                                                                    _conv_backward),
                   finalize=Finalize(scale_shift=triton_bn_scale_shift,
-                                    training=_TrainFinalize.apply),
+                                    training=op_support.train_finalize(
+                                        triton_bn_train_finalize,
+                                        triton_bn_scale_shift_backward)),
                   conv_bn_train=_conv_bn_train, residual_tail=_residual_tail,
                   bn_relu_maxpool=_bn_relu_maxpool)

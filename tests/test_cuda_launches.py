@@ -67,6 +67,9 @@ def _cases(device: str) -> list:
          (s32, s32, s32, s32, vector(32), vector(32), 1e-5)),
         ("bn-scale-shift-backward-bf16-parameters-no-bias", "bn_scale_shift_backward",
          (s32, s32, s32, s32, vector(32, dtype), None, 1e-5)),
+        ("bn-train-finalize", "bn_train_finalize",
+         (s32, s32, vector(32), vector(32), 1e-5, vector(32), vector(32),
+          torch.tensor(3, device=device), None, 126)),
         ("bn-update-running-stats", "bn_update_running_stats",
          (s32, s32, vector(32), vector(32), 0.1, 126)),
     ]

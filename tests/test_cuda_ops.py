@@ -140,6 +140,30 @@ def test_bn_scale_shift_backward_passes_opcheck_and_is_the_finalize_gradient(aff
     assert all(g.numel() == 0 for g in got[len(inputs):])
 
 
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_bn_train_finalize_passes_opcheck_and_updates_as_batch_norm(momentum):
+    mean, var, weight, bias = _finalize_arguments("cpu")
+    running = [torch.randn(16, dtype=torch.float64), torch.rand(16, dtype=torch.float64) + 1]
+    batches = torch.tensor(4)
+    args = (mean, var, weight, bias, 1e-5, *running, batches, momentum, 10)
+    torch.library.opcheck(torch.ops.fused_resnet.bn_train_finalize.default,
+                          tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+    # Against nn.BatchNorm2d's own update, from a batch with these statistics.
+    bn = torch.nn.BatchNorm2d(16, momentum=momentum).double()
+    with torch.no_grad():
+        bn.running_mean.copy_(running[0]), bn.running_var.copy_(running[1])
+        bn.num_batches_tracked.fill_(4)
+    x = torch.randn(10, 16, 1, 1, dtype=torch.float64)
+    bn(x)
+    batch_mean, batch_var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    scale, shift = torch.ops.fused_resnet.bn_train_finalize(
+        batch_mean, batch_var, weight, bias, 1e-5, *running, batches, momentum, 10)
+    torch.testing.assert_close(running, [bn.running_mean, bn.running_var])
+    assert batches.item() == bn.num_batches_tracked.item() == 5
+    torch.testing.assert_close((scale, shift), reference.scale_shift_from_statistics(
+        batch_mean, batch_var, weight, bias, 1e-5))
+
+
 def test_bn_update_running_stats_passes_opcheck_and_blends_as_batch_norm():
     mean, var, running_mean, running_var = _finalize_arguments("cpu")
     torch.library.opcheck(torch.ops.fused_resnet.bn_update_running_stats.default,
@@ -458,6 +482,22 @@ def test_cuda_add_relu_backward_is_both_single_input_passes(projection, poisoned
     shortcut = cuda_ops.affine_relu_backward(grad, residual, residual_scale, None, output)
     for got, expected in zip(fused, (*main, shortcut[0], shortcut[1])):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_bn_train_finalize_matches_reference(momentum, running_dtype):
+    mean, var, weight, bias = _finalize_arguments("cuda", torch.float32, channels=1500)
+    states = [[torch.randn(1500, device="cuda").to(running_dtype),
+               (torch.rand(1500, device="cuda") + 1).to(running_dtype),
+               torch.tensor(6, device="cuda")] for _ in range(2)]
+    got = torch.ops.fused_resnet.bn_train_finalize(mean, var, weight, bias, 1e-5, *states[0],
+                                                   momentum, 9)
+    expected = op_reference.bn_train_finalize(mean, var, weight, bias, 1e-5, *states[1],
+                                              momentum, 9)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(states[0], states[1])
 
 
 @pytest.mark.gpu

@@ -117,7 +117,7 @@ def _ratio(counts, backend, mode, key):
 
 # Ceilings: the plans' ratios to eager as counted at this commit, rounded up. A change
 # that adds traffic fails here; lower a ceiling when the plan improves.
-CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 2.19},
+CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 1.935},
             ("train", "bytes"): {"triton": 0.795, "cuda": 1.06},
             ("train", "saved_bytes"): {"triton": 0.78, "cuda": 0.85},
             ("eval", "launches"): {"triton": 0.63, "cuda": 0.935},
@@ -127,10 +127,10 @@ CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 2.19},
 TARGETS = {("train", "launches"): 1.0, ("train", "bytes"): 0.8,
            ("train", "saved_bytes"): 0.85, ("eval", "launches"): 1.0, ("eval", "bytes"): 0.5}
 NOT_MET = {
-    ("cuda", "train", "launches"): "about 18 launches per conv + BN: statistics (2), "
-    "finalize, running statistics, finalize backward, the statistics gradient, the "
-    "prologue's backward after dgrad (2), prologue vectors converted per conv (4), wgrad's "
-    "split-K memset and reduction; the triton plan fuses these into its conv kernels",
+    ("cuda", "train", "launches"): "about 15 launches per conv + BN: statistics (2), "
+    "finalize, finalize backward, the statistics gradient, the prologue's backward after "
+    "dgrad (2), prologue vectors converted per conv (4), wgrad's split-K memset and "
+    "reduction; the triton plan fuses these into its conv kernels",
     ("cuda", "train", "bytes"): "the statistics are a second read of each conv output, and "
     "the statistics gradient and the prologue's backward are passes of their own (the "
     "triton plan does them in its conv kernels' epilogues and loads)",
