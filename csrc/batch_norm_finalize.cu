@@ -158,6 +158,19 @@ FinalizeTypes finalize_types(const char* op, const at::Tensor& mean, const at::T
           same_params ? param_type : at::kFloat};
 }
 
+// The running statistics a finalize updates in place: vectors like mean, contiguous, of one
+// dtype, from a batch of count > 1 values per channel (the unbiased variance divides by
+// count - 1).
+void check_running_stats(const char* op, const at::Tensor& mean, const at::Tensor& running_mean,
+                         const at::Tensor& running_var, int64_t count) {
+  check_vector(op, "running_mean", running_mean, mean);
+  check_vector(op, "running_var", running_var, mean);
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous() &&
+                  running_mean.scalar_type() == running_var.scalar_type(),
+              op, ": running_mean and running_var must be contiguous, of one dtype");
+  TORCH_CHECK(count > 1, op, ": count must be > 1 for the unbiased variance, got ", count);
+}
+
 // `v` as the kernels read it: `type`, dense; undefined when absent.
 at::Tensor read_as(const c10::optional<at::Tensor>& v, at::ScalarType type) {
   return v.has_value() ? v->to(type).contiguous() : at::Tensor();
@@ -272,12 +285,7 @@ std::tuple<at::Tensor, at::Tensor> bn_train_finalize_cuda(
   TORCH_CHECK(running == running_var.has_value(), op,
               ": running_mean and running_var go together");
   if (running) {
-    check_vector(op, "running_mean", *running_mean, mean);
-    check_vector(op, "running_var", *running_var, mean);
-    TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous() &&
-                    running_mean->scalar_type() == running_var->scalar_type(),
-                op, ": running_mean and running_var must be contiguous, of one dtype");
-    TORCH_CHECK(count > 1, op, ": count must be > 1 for the unbiased variance, got ", count);
+    check_running_stats(op, mean, *running_mean, *running_var, count);
     TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value(), op,
                 ": the cumulative average (momentum None) needs num_batches_tracked");
   }
@@ -369,12 +377,7 @@ void bn_update_running_stats_cuda(const at::Tensor& mean, const at::Tensor& var,
   TORCH_CHECK(mean.dim() == 1 && mean.is_cuda(), op, ": mean must be a CUDA vector, got ",
               mean.sizes(), " on ", mean.device());
   check_vector(op, "var", var, mean);
-  check_vector(op, "running_mean", running_mean, mean);
-  check_vector(op, "running_var", running_var, mean);
-  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous() &&
-                  running_mean.scalar_type() == running_var.scalar_type(),
-              op, ": running_mean and running_var must be contiguous, of one dtype");
-  TORCH_CHECK(count > 1, op, ": count must be > 1 for the unbiased variance, got ", count);
+  check_running_stats(op, mean, running_mean, running_var, count);
   const c10::cuda::CUDAGuard device_guard(mean.device());
   if (mean.numel() == 0) return;
   const at::Tensor mean_f = as_float(mean), var_f = as_float(var);

@@ -128,6 +128,16 @@ void check_output_gradient(const char* op, const at::Tensor& grad, const ConvPro
 
 at::Tensor float_vector(const at::Tensor& v) { return channel_vector(v, at::kFloat); }
 
+c10::optional<at::Tensor> optional_nhwc(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return c10::nullopt;
+  return nhwc(*t);
+}
+
+c10::optional<at::Tensor> optional_float(const c10::optional<at::Tensor>& v) {
+  if (!v.has_value()) return c10::nullopt;
+  return float_vector(*v);
+}
+
 at::Tensor empty_statistics(const at::Tensor& x) {
   return at::empty({0}, x.options().dtype(at::kFloat));
 }
@@ -263,16 +273,6 @@ at::Tensor cuda_conv_wgrad(const at::Tensor& grad_in, const at::Tensor& x_in,
 
 std::tuple<at::Tensor, at::Tensor> cuda_channel_stats(const at::Tensor& x) {
   return channel_statistics_cuda(nhwc(x));
-}
-
-c10::optional<at::Tensor> optional_nhwc(const c10::optional<at::Tensor>& t) {
-  if (!t.has_value()) return c10::nullopt;
-  return nhwc(*t);
-}
-
-c10::optional<at::Tensor> optional_float(const c10::optional<at::Tensor>& v) {
-  if (!v.has_value()) return c10::nullopt;
-  return float_vector(*v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward(

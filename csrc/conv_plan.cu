@@ -45,14 +45,15 @@ LaunchPlan output_tiled_plan(const ConvProblem& p, int sm_count) {
 // least one threadblock per multiprocessor (one full wave) wherever the pixels allow it.
 template <template <typename> class Operator>
 LaunchPlan wgrad_plan(const ConvProblem& p, int sm_count) {
-  const bool small = p.k <= SmallTile::Threadblock::kM;
-  const LaunchPlan whole = small ? plan_of<Operator<SmallTile>>(p, 1)
-                                 : plan_of<Operator<LargeTile>>(p, 1);
+  const auto plan = [&](int slices) {
+    return p.k <= SmallTile::Threadblock::kM ? plan_of<Operator<SmallTile>>(p, slices)
+                                             : plan_of<Operator<LargeTile>>(p, slices);
+  };
+  const LaunchPlan whole = plan(1);
   const int64_t iterations = ceil_div(int64_t(p.n) * p.p * p.q, whole.tile_k);
   const int64_t slices = std::max<int64_t>(
       1, std::min(ceil_div(sm_count, threadblocks(whole)), iterations / kMinSliceIterations));
-  return small ? plan_of<Operator<SmallTile>>(p, static_cast<int>(slices))
-               : plan_of<Operator<LargeTile>>(p, static_cast<int>(slices));
+  return plan(static_cast<int>(slices));
 }
 
 template <typename Tile>
@@ -67,6 +68,15 @@ template <typename Tile>
 using Wgrad = typename Backward<Tile>::Wgrad;
 template <typename Tile>
 using PrologueWgrad = typename Backward<Tile>::PrologueWgrad;
+
+// The launch checked, not run, for both element types.
+template <typename Launch>
+void check_both_types(Launch launch, void (*f16)(const Launch&, cudaStream_t),
+                      void (*bf16)(const Launch&, cudaStream_t)) {
+  launch.check_only = true;
+  f16(launch, nullptr);
+  bf16(launch, nullptr);
+}
 
 }  // namespace
 
@@ -98,26 +108,16 @@ void conv_launch_check(ConvKernel kernel, const ConvProblem& p, int sm_count) {
     case ConvKernel::kFpropPrologue: {
       FpropLaunch launch{p, plan, data, data, data};
       if (kernel == ConvKernel::kFpropPrologue) launch.in_scale = launch.in_shift = data;
-      launch.check_only = true;
-      conv_fprop_f16(launch, nullptr);
-      conv_fprop_bf16(launch, nullptr);
-      return;
+      return check_both_types(launch, conv_fprop_f16, conv_fprop_bf16);
     }
-    case ConvKernel::kDgrad: {
-      DgradLaunch launch{p, plan, data, data, data};
-      launch.check_only = true;
-      conv_dgrad_f16(launch, nullptr);
-      conv_dgrad_bf16(launch, nullptr);
-      return;
-    }
+    case ConvKernel::kDgrad:
+      return check_both_types(DgradLaunch{p, plan, data, data, data}, conv_dgrad_f16,
+                              conv_dgrad_bf16);
     case ConvKernel::kWgrad:
     case ConvKernel::kWgradPrologue: {
       WgradLaunch launch{p, plan, data, data, data, static_cast<float*>(data)};
       if (kernel == ConvKernel::kWgradPrologue) launch.in_scale = launch.in_shift = data;
-      launch.check_only = true;
-      conv_wgrad_f16(launch, nullptr);
-      conv_wgrad_bf16(launch, nullptr);
-      return;
+      return check_both_types(launch, conv_wgrad_f16, conv_wgrad_bf16);
     }
   }
 }

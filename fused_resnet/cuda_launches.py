@@ -8,8 +8,8 @@ tensors)`` callback, and does what the C++ implementation does: the ATen calls i
 weight fold of an epilogue scale), which the counter counts by its usual rule as they
 run, and one ``record`` per CUDA kernel or memset it launches, with the tensors that kernel
 reads and writes. It returns the op's outputs (as its fake does). The C++ code each model
-follows is named in its docstring; ``tests/test_cuda_ops.py`` checks every model against
-the kernels a real call launches (CUDA profiler, on a GPU).
+follows is named in its docstring; ``tests/test_cuda_launches.py`` checks every model
+against the kernels a real call launches (CUDA profiler, on a GPU).
 
 Launch plans (tile, split-K) are those for :data:`SM_COUNT` multiprocessors, an H100 or
 H200, the GPUs the benchmarks target.
@@ -189,15 +189,21 @@ def scale_shift_add_relu(record: Record, x, scale, shift, residual, residual_sca
     return y
 
 
+def _finalize_types(mean, var, weight, bias) -> tuple[torch.dtype, torch.dtype]:
+    """batch_norm_finalize.cu ``finalize_types``: the dtypes the finalize kernels read the
+    statistics and the parameters in, each pair's own when it has one, else fp32."""
+    params = {p.dtype for p in (weight, bias) if p is not None}
+    return (mean.dtype if var.dtype == mean.dtype else torch.float32,
+            params.pop() if len(params) == 1 else mean.dtype if not params else torch.float32)
+
+
 def bn_scale_shift(record: Record, mean, var, weight, bias, eps):
     """batch_norm_finalize.cu ``bn_scale_shift_cuda``: statistics and parameters read in
-    their own dtypes (one dtype each, else converted to fp32), fp32 results converted to
-    the statistics' dtype when that is wider."""
-    stats = [mean.contiguous(), var.contiguous()] if var.dtype == mean.dtype else \
-        [_vector(mean, torch.float32), _vector(var, torch.float32)]
-    params = [p for p in (weight, bias) if p is not None]
-    if len({p.dtype for p in params}) > 1:
-        params = [_vector(p, torch.float32) for p in params]
+    their own dtypes (:func:`_finalize_types`), fp32 results converted to the statistics'
+    dtype when that is wider."""
+    stat_type, param_type = _finalize_types(mean, var, weight, bias)
+    stats = [_vector(mean, stat_type), _vector(var, stat_type)]
+    params = [_vector(p, param_type) for p in (weight, bias) if p is not None]
     scale = mean.new_empty(mean.numel(), dtype=torch.float32)
     shift = torch.empty_like(scale)
     if mean.numel() == 0:
@@ -220,14 +226,12 @@ def statistics_backward(record: Record, grad, y, mean, grad_mean, grad_var, grad
 
 def bn_scale_shift_backward(record: Record, grad_scale, grad_shift, mean, var, weight, bias,
                             eps):
-    """batch_norm_finalize.cu ``bn_scale_shift_backward_cuda``: one dtype each for the
-    statistics and the parameters (a mix computed in fp32), gradients converted back to the
-    inputs' dtypes."""
-    stat_type = mean.dtype if var.dtype == mean.dtype else torch.float32
-    params = [p for p in (weight, bias) if p is not None]
-    weight_type = params[0].dtype if len({p.dtype for p in params}) == 1 else torch.float32
-    stats = [mean.to(stat_type).contiguous(), var.to(stat_type).contiguous()]
-    weight_d = None if weight is None else weight.to(weight_type).contiguous()
+    """batch_norm_finalize.cu ``bn_scale_shift_backward_cuda``: computed in the types the
+    forward reads (:func:`_finalize_types`), gradients converted back to the inputs'
+    dtypes."""
+    stat_type, weight_type = _finalize_types(mean, var, weight, bias)
+    stats = [_vector(mean, stat_type), _vector(var, stat_type)]
+    weight_d = _vector(weight, weight_type)
     grad_mean, grad_var = (mean.new_empty(mean.numel(), dtype=stat_type) for _ in range(2))
     grad_weight, grad_bias = (
         mean.new_empty(0 if p is None else mean.numel(),
@@ -247,9 +251,8 @@ def bn_train_finalize(record: Record, mean, var, weight, bias, eps, running_mean
                       num_batches_tracked, momentum, count):
     """batch_norm_finalize.cu ``bn_train_finalize_cuda``: one kernel (one block)."""
     stats = [_vector(mean, torch.float32), _vector(var, torch.float32)]
-    params = [p for p in (weight, bias) if p is not None]
-    if len({p.dtype for p in params}) > 1:
-        params = [_vector(p, torch.float32) for p in params]
+    param_type = _finalize_types(mean, var, weight, bias)[1]
+    params = [_vector(p, param_type) for p in (weight, bias) if p is not None]
     scale = mean.new_empty(mean.numel(), dtype=torch.float32)
     shift = torch.empty_like(scale)
     record("bn_train_finalize_kernel",

@@ -225,8 +225,15 @@ def scale_shift_gradients(backward_op: Callable, grad_scale, grad_shift, mean, v
     them (None: zero); None for an absent weight or bias."""
     def given(grad):
         return torch.zeros_like(mean, dtype=statistics_dtype(mean)) if grad is None else grad
-    grad_mean, grad_var, grad_weight, grad_bias = backward_op(
-        given(grad_scale), given(grad_shift), mean, var, weight, bias, eps)
+    return parameter_gradients(backward_op(given(grad_scale), given(grad_shift), mean, var,
+                                           weight, bias, eps), weight, bias)
+
+
+def parameter_gradients(grads, weight, bias) -> tuple:
+    """A ``bn_scale_shift_backward`` op's [grad_mean, grad_var, grad_weight, grad_bias] as
+    autograd takes them: None for an absent weight or bias (the op gives an empty
+    vector)."""
+    grad_mean, grad_var, grad_weight, grad_bias = grads
     return (grad_mean, grad_var, None if weight is None else grad_weight,
             None if bias is None else grad_bias)
 

@@ -490,10 +490,8 @@ class _ResidualTail(torch.autograd.Function):
 
 
 def _gradients_from_tiles(sums, tiles, scale_kind, mean, var, weight, bias, eps):
-    grads = triton_bn_scale_shift_backward_from_tiles(sums, tiles, scale_kind, mean, var,
-                                                      weight, bias, eps)
-    return (*grads[:2], None if weight is None else grads[2],
-            None if bias is None else grads[3])
+    return op_support.parameter_gradients(triton_bn_scale_shift_backward_from_tiles(
+        sums, tiles, scale_kind, mean, var, weight, bias, eps), weight, bias)
 
 
 def _residual_tail(h: Tensor, weight: Tensor, stride: int, prologue: tuple[Tensor, Tensor],
@@ -521,7 +519,7 @@ def triton_bn_relu_maxpool(x: Tensor, scale: Tensor, shift: Tensor, kernel: int,
 @triton_bn_relu_maxpool.register_fake
 def _triton_bn_relu_maxpool_fake(x, scale, shift, kernel, stride, padding, taps):
     n, c, h, w = x.shape
-    size = [(s + 2 * padding - kernel) // stride + 1 for s in (h, w)]
+    size = [stem.pooled_size(s, kernel, stride, padding) for s in (h, w)]
     y = x.new_empty((n, c, *size)).contiguous(memory_format=_CHANNELS_LAST)
     return y, (torch.empty_like(y, dtype=torch.int8) if taps
                else x.new_empty(0, dtype=torch.int8))

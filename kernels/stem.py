@@ -111,7 +111,8 @@ def maxpool_relu_backward_kernel(g_ptr, taps_ptr, x_ptr, scale_ptr, shift_ptr, d
     record_tile_count(tiles_ptr, tl.program_id(0), tl.num_programs(0))
 
 
-def _pooled_size(size: int, kernel: int, stride: int, padding: int) -> int:
+def pooled_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output extent of a max-pool (floor mode, no dilation)."""
     return (size + 2 * padding - kernel) // stride + 1
 
 
@@ -119,7 +120,7 @@ def bn_relu_maxpool(x, scale, shift, kernel, stride, padding, taps=True):
     """Launch :func:`bn_relu_maxpool_kernel`: (pooled y, winning taps int8 or None),
     channels_last."""
     n, c, h, w = x.shape
-    ho, wo = (_pooled_size(s, kernel, stride, padding) for s in (h, w))
+    ho, wo = (pooled_size(s, kernel, stride, padding) for s in (h, w))
     y = torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last)
     winners = torch.empty_like(y, dtype=torch.int8) if taps else None
