@@ -1,7 +1,7 @@
 // BatchNorm finalize on CUDA: from a layer's batch statistics to the per-channel scale and
 // shift that the next kernel's prologue or epilogue applies, and the running-statistics
-// update. One thread per channel each; what they replace is about ten tiny aten launches
-// per BatchNorm layer and step.
+// update. One thread per channel each (the merge: a block per 32 channels); what they
+// replace is about ten tiny aten launches per BatchNorm layer and step.
 //
 //   bn_scale_shift(mean, var, weight?, bias?, eps) -> (scale, shift)   fp32
 //       scale = weight / sqrt(var + eps), shift = bias - mean * scale
@@ -12,6 +12,8 @@
 //                     num_batches_tracked!?, momentum?, count) -> (scale, shift)
 //       a training BN's finalize in one launch: scale/shift, the running statistics' update
 //       and the batch count (momentum None: the cumulative average).
+//   bn_merge_train_finalize_cuda (batch_norm_finalize.h): the same from a conv's per-tile
+//       Welford partials, merged in the same launch (cuda_conv_bn_train).
 //   bn_scale_shift_backward(grad_scale, grad_shift, mean, var, weight?, bias?, eps)
 //       -> [grad_mean, grad_var, grad_weight, grad_bias] (the last two empty when absent):
 //       with rstd = (var + eps)^(-1/2), g = grad_scale - grad_shift * mean,
@@ -19,6 +21,8 @@
 //       grad_weight = g * rstd, grad_bias = grad_shift; in the inputs' dtypes.
 //   scaled_filters_cuda (batch_norm_finalize.h): an inference BN's scale folded into the
 //       conv's filters, one pass where the ATen expression took three launches.
+//   stacked_vectors_cuda (batch_norm_finalize.h): a prologue's scale and shift converted to
+//       the activation dtype in one launch where two conversions took two.
 //
 // References: scale_shift_from_statistics and blend_running_stats in
 // fused_resnet/reference.py.
@@ -37,6 +41,7 @@
 #include <vector>
 
 #include "batch_norm_finalize.h"
+#include "channel_states.cuh"
 
 namespace fused_resnet {
 namespace {
@@ -95,33 +100,81 @@ __global__ void bn_update_running_stats_kernel(const float* __restrict__ mean,
   if (c < channels) blend_running_stats(c, mean, var, running_mean, running_var, factor, unbias);
 }
 
-// A training BN's whole finalize in one launch of one block: counts the batch in
-// num_batches_tracked (when given), blends the running statistics (when given) with
-// `momentum`, or with 1 / num_batches_tracked when momentum < 0 (the cumulative average), and
-// writes scale/shift. One block, so that the count is read and written once before any
-// channel uses it.
+// What a training BN's finalize takes besides its batch statistics: the affine parameters,
+// the running statistics to blend (null: none) and the batch count to advance (null: none).
 template <typename param_t, typename running_t>
-__global__ void bn_train_finalize_kernel(
-    const float* __restrict__ mean, const float* __restrict__ var,
-    const param_t* __restrict__ weight, const param_t* __restrict__ bias, float eps,
-    running_t* __restrict__ running_mean, running_t* __restrict__ running_var,
-    int64_t* __restrict__ num_batches_tracked, double momentum, double unbias, int channels,
-    float* __restrict__ scale, float* __restrict__ shift) {
+struct TrainingUpdate {
+  const param_t* weight;
+  const param_t* bias;
+  float eps;
+  running_t* running_mean;
+  running_t* running_var;
+  int64_t* num_batches_tracked;
+  double momentum;  // < 0: the cumulative average, 1 / num_batches_tracked
+  double unbias;    // count / (count - 1)
+  int channels;
+  float* scale;
+  float* shift;
+};
+
+// The factor the running statistics move by, for the whole block: momentum, or with the
+// cumulative average 1 / the new batch count. Block 0 counts the batch; a launch with the
+// cumulative average must be one block, so that no channel uses the count before it is
+// written.
+template <typename Update>
+__device__ double count_batch(const Update& u) {
   __shared__ double factor;
-  if (threadIdx.x == 0) {
-    double f = momentum;
-    if (num_batches_tracked != nullptr) {
-      const int64_t batches = *num_batches_tracked + 1;
-      *num_batches_tracked = batches;
-      if (momentum < 0) f = 1.0 / static_cast<double>(batches);
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    double f = u.momentum;
+    if (blockIdx.x == 0 && u.num_batches_tracked != nullptr) {
+      const int64_t batches = *u.num_batches_tracked + 1;
+      *u.num_batches_tracked = batches;
+      if (u.momentum < 0) f = 1.0 / static_cast<double>(batches);
     }
     factor = f;
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < channels; c += blockDim.x) {
-    store_scale_shift(c, mean, var, weight, bias, eps, scale, shift);
-    if (running_mean != nullptr) {
-      blend_running_stats(c, mean, var, running_mean, running_var, factor, unbias);
+  return factor;
+}
+
+// Channel c's scale/shift and running statistics from its batch statistics.
+template <typename Update>
+__device__ void finalize_channel(int c, const float* mean, const float* var, const Update& u,
+                                 double factor) {
+  store_scale_shift(c, mean, var, u.weight, u.bias, u.eps, u.scale, u.shift);
+  if (u.running_mean != nullptr) {
+    blend_running_stats(c, mean, var, u.running_mean, u.running_var, factor, u.unbias);
+  }
+}
+
+// A training BN's whole finalize in one launch of one block: the batch counted, the running
+// statistics blended, scale/shift written.
+template <typename Update>
+__global__ void bn_train_finalize_kernel(const float* __restrict__ mean,
+                                         const float* __restrict__ var, Update u) {
+  const double factor = count_batch(u);
+  for (int c = threadIdx.x; c < u.channels; c += blockDim.x) {
+    finalize_channel(c, mean, var, u, factor);
+  }
+}
+
+// bn_train_finalize_kernel from per-row-tile Welford states [tiles, channels] (a conv's
+// statistics epilogue), merged in the same launch (channel_states.cuh merge_partials), which also
+// stores the merged (mean, biased var). Blocks of (kMergeChannels, kMergeLanes) threads take
+// kMergeChannels channels at a time.
+template <typename Update>
+__global__ void bn_merge_train_finalize_kernel(const Welford* __restrict__ partials,
+                                               int64_t tiles, float* __restrict__ mean,
+                                               float* __restrict__ var, Update u) {
+  const double factor = count_batch(u);
+  for (int first = blockIdx.x * kMergeChannels; first < u.channels;
+       first += gridDim.x * kMergeChannels) {
+    const int c = first + threadIdx.x;
+    const Welford merged = merge_partials(partials, tiles, u.channels, c);
+    if (threadIdx.y == 0 && c < u.channels) {
+      mean[c] = merged.mean;
+      var[c] = merged.m2 / merged.count;  // biased, as BatchNorm normalizes with
+      finalize_channel(c, mean, var, u, factor);
     }
   }
 }
@@ -212,6 +265,17 @@ __global__ void scaled_filters_kernel(const scalar_t* __restrict__ weight,
   }
 }
 
+// out[0] = a, out[1] = b, converted: a conv's BN-ReLU prologue vectors as its mainloop reads
+// them, both in one launch.
+template <typename in_t, typename out_t>
+__global__ void stacked_vectors_kernel(const in_t* __restrict__ a, const in_t* __restrict__ b,
+                                       int64_t size, out_t* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < 2 * size;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = static_cast<out_t>(static_cast<float>(i < size ? a[i] : b[i - size]));
+  }
+}
+
 }  // namespace
 
 at::Tensor scaled_filters_cuda(const at::Tensor& weight, const at::Tensor& scale) {
@@ -235,6 +299,34 @@ at::Tensor scaled_filters_cuda(const at::Tensor& weight, const at::Tensor& scale
                                                   at::cuda::getCurrentCUDAStream()>>>(
           weight.const_data_ptr<weight_t>(), scale_d.const_data_ptr<scalar_t>(),
           total / weight.size(0), total, out.mutable_data_ptr<weight_t>());
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor stacked_vectors_cuda(const at::Tensor& a, const at::Tensor& b,
+                               at::ScalarType dtype) {
+  constexpr const char* op = "stacked_vectors";
+  TORCH_CHECK(a.dim() == 1 && b.sizes() == a.sizes() && a.device() == b.device() && a.is_cuda(),
+              op, ": two CUDA vectors of one size expected, got ", a.sizes(), " on ",
+              a.device(), " and ", b.sizes(), " on ", b.device());
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": converts to float16 or bfloat16, got ", dtype);
+  const c10::cuda::CUDAGuard device_guard(a.device());
+  const at::Tensor a_d = a.contiguous();
+  const at::Tensor b_d = b.to(a.scalar_type()).contiguous();  // one dtype for the kernel
+  at::Tensor out = at::empty({2, a.numel()}, a.options().dtype(dtype));
+  if (a.numel() == 0) return out;
+  const int blocks = static_cast<int>(std::min<int64_t>((2 * a.numel() + kThreads - 1) / kThreads,
+                                                        1024));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), op, [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, op, [&] {
+      stacked_vectors_kernel<in_t, scalar_t><<<blocks, kThreads, 0,
+                                               at::cuda::getCurrentCUDAStream()>>>(
+          a_d.const_data_ptr<in_t>(), b_d.const_data_ptr<in_t>(), a.numel(),
+          out.mutable_data_ptr<scalar_t>());
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -273,13 +365,19 @@ std::tuple<at::Tensor, at::Tensor> bn_scale_shift_cuda(const at::Tensor& mean,
   return {scale.to(dtype), shift.to(dtype)};
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_train_finalize_cuda(
-    const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps,
+namespace {
+
+// What both training finalizes share on the host: the checks of the parameters, running
+// statistics and batch count against `mean` (the batch mean, or the buffer the merge writes
+// it to), and the dtype dispatch. Calls launch(update) with the TrainingUpdate of the
+// dispatched types (scale and shift fresh fp32 vectors) and returns (scale, shift).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> training_finalize(
+    const char* op, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     const c10::optional<at::Tensor>& num_batches_tracked, c10::optional<double> momentum,
-    int64_t count) {
-  constexpr const char* op = "bn_train_finalize";
+    int64_t count, Launch&& launch) {
   const FinalizeTypes types = finalize_types(op, mean, var, weight, bias);
   const bool running = running_mean.has_value();
   TORCH_CHECK(running == running_var.has_value(), op,
@@ -295,34 +393,82 @@ std::tuple<at::Tensor, at::Tensor> bn_train_finalize_cuda(
                     num_batches_tracked->device() == mean.device(),
                 op, ": num_batches_tracked must be one int64 on ", mean.device());
   }
-  const c10::cuda::CUDAGuard device_guard(mean.device());
-  const at::Tensor mean_f = as_float(mean), var_f = as_float(var);
   const at::Tensor weight_d = read_as(weight, types.params), bias_d = read_as(bias, types.params);
   const auto options = mean.options().dtype(at::kFloat);
   at::Tensor scale = at::empty({mean.numel()}, options), shift = at::empty({mean.numel()}, options);
   const auto running_type = running ? running_mean->scalar_type() : at::kFloat;
-  const int threads = static_cast<int>(std::min<int64_t>(
-      1024, std::max<int64_t>(32, (mean.numel() + 31) / 32 * 32)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, types.params, op, [&] {
+  // The dispatch names its kernels by a constant: both finalizes are "training_finalize".
+  constexpr const char* kName = "training_finalize";
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, types.params, kName, [&] {
     using param_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_type, op, [&] {
-      bn_train_finalize_kernel<param_t, scalar_t>
-          <<<1, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              mean_f.const_data_ptr<float>(), var_f.const_data_ptr<float>(),
-              weight_d.defined() ? weight_d.const_data_ptr<param_t>() : nullptr,
-              bias_d.defined() ? bias_d.const_data_ptr<param_t>() : nullptr,
-              static_cast<float>(eps),
-              running ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
-              running ? running_var->mutable_data_ptr<scalar_t>() : nullptr,
-              num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>()
-                                              : nullptr,
-              momentum.value_or(-1.0), running ? static_cast<double>(count) / (count - 1) : 1.0,
-              static_cast<int>(mean.numel()), scale.mutable_data_ptr<float>(),
-              shift.mutable_data_ptr<float>());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_type, kName, [&] {
+      launch(TrainingUpdate<param_t, scalar_t>{
+          weight_d.defined() ? weight_d.const_data_ptr<param_t>() : nullptr,
+          bias_d.defined() ? bias_d.const_data_ptr<param_t>() : nullptr,
+          static_cast<float>(eps),
+          running ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
+          running ? running_var->mutable_data_ptr<scalar_t>() : nullptr,
+          num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>()
+                                          : nullptr,
+          momentum.value_or(-1.0), running ? static_cast<double>(count) / (count - 1) : 1.0,
+          static_cast<int>(mean.numel()), scale.mutable_data_ptr<float>(),
+          shift.mutable_data_ptr<float>()});
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {scale, shift};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> bn_train_finalize_cuda(
+    const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& num_batches_tracked, c10::optional<double> momentum,
+    int64_t count) {
+  const c10::cuda::CUDAGuard device_guard(mean.device());
+  const at::Tensor mean_f = as_float(mean), var_f = as_float(var);
+  const int threads = static_cast<int>(std::min<int64_t>(
+      1024, std::max<int64_t>(32, (mean.numel() + 31) / 32 * 32)));
+  return training_finalize(
+      "bn_train_finalize", mean, var, weight, bias, eps, running_mean, running_var,
+      num_batches_tracked, momentum, count, [&](auto update) {
+        bn_train_finalize_kernel<<<1, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            mean_f.const_data_ptr<float>(), var_f.const_data_ptr<float>(), update);
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_merge_train_finalize_cuda(
+    const at::Tensor& partials, int64_t channels, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& num_batches_tracked, c10::optional<double> momentum,
+    int64_t count) {
+  constexpr const char* op = "bn_merge_train_finalize";
+  TORCH_CHECK(partials.is_cuda() && partials.scalar_type() == at::kFloat &&
+                  partials.is_contiguous() && channels > 0 &&
+                  partials.numel() % (channels * 3) == 0,
+              op, ": partials must be contiguous float32 (count, mean, M2) states of ",
+              channels, " channels on a GPU, got ", partials.sizes(), ", ",
+              partials.scalar_type(), ", ", partials.device());
+  const c10::cuda::CUDAGuard device_guard(partials.device());
+  const auto options = partials.options();
+  at::Tensor mean = at::empty({channels}, options), var = at::empty({channels}, options);
+  // The cumulative average reads the new batch count in every channel: one block.
+  const int blocks = momentum.has_value()
+                         ? static_cast<int>((channels + kMergeChannels - 1) / kMergeChannels)
+                         : 1;
+  auto [scale, shift] = training_finalize(
+      op, mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked,
+      momentum, count, [&](auto update) {
+        bn_merge_train_finalize_kernel<<<blocks, dim3(kMergeChannels, kMergeLanes), 0,
+                                         at::cuda::getCurrentCUDAStream()>>>(
+            reinterpret_cast<const Welford*>(partials.const_data_ptr<float>()),
+            partials.numel() / (channels * 3), mean.mutable_data_ptr<float>(),
+            var.mutable_data_ptr<float>(), update);
+      });
+  return {mean, var, scale, shift};
 }
 
 std::vector<at::Tensor> bn_scale_shift_backward_cuda(

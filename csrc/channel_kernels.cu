@@ -3,9 +3,10 @@
 // Stage 1: a block of kVectorsPerBlock x kRowLanes threads covers kVectorsPerBlock vectors of
 // consecutive channels; each thread walks every (gridDim.x * kRowLanes)-th pixel, keeping one
 // state per channel of its vector in registers, then the block merges its row lanes in order
-// into one partial per channel. Stage 2: one thread per channel merges the partials in block
-// order. The number of row blocks depends only on the tensor and the GPU, so results repeat
-// bitwise run to run.
+// into one partial per channel. Stage 2: a block of kMergeChannels x kMergeLanes threads
+// merges the partials of kMergeChannels channels (channel_states.cuh merge_partials: lanes in
+// parallel, then in lane order). The number of row blocks depends only on the tensor and the
+// GPU, so results repeat bitwise run to run.
 #include "channel_kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -19,13 +20,15 @@
 #include <cmath>
 #include <limits>
 
+#include "channel_states.cuh"
+
 namespace fused_resnet {
 namespace {
 
 constexpr int kVectorBytes = 16;
 constexpr int kVectorsPerBlock = 8;  // blockDim.x
 constexpr int kRowLanes = 32;        // blockDim.y
-constexpr int kFinishThreads = 128;
+const dim3 kMergeThreads(kMergeChannels, kMergeLanes);  // stage 2
 
 template <typename T>
 struct alignas(kVectorBytes) Vector {
@@ -37,44 +40,6 @@ template <typename T>
 __device__ __forceinline__ Vector<T> load(const T* p) {
   return *reinterpret_cast<const Vector<T>*>(p);
 }
-
-// Count, mean and sum of squared deviations of the values seen; trivially constructible so
-// it can live in shared memory.
-struct Welford {
-  float count, mean, m2;
-
-  __device__ static Welford zero() { return {0.f, 0.f, 0.f}; }
-
-  __device__ void add(float value) {
-    count += 1.f;
-    const float delta = value - mean;
-    mean += delta / count;
-    m2 += delta * (value - mean);
-  }
-
-  // Chan et al.'s pairwise merge.
-  __device__ void merge(const Welford& other) {
-    if (other.count == 0.f) return;
-    const float total = count + other.count;
-    const float delta = other.mean - mean;
-    mean += delta * (other.count / total);
-    m2 += other.m2 + delta * delta * (count * other.count / total);
-    count = total;
-  }
-};
-
-// sum of g, sum of g * x and, for a second affine input r (a block's shortcut), sum of g * r.
-struct Sums {
-  float sum, dot, dot_residual;
-
-  __device__ static Sums zero() { return {0.f, 0.f, 0.f}; }
-
-  __device__ void merge(const Sums& other) {
-    sum += other.sum;
-    dot += other.dot;
-    dot_residual += other.dot_residual;
-  }
-};
 
 // The second affine input of a BN-add-ReLU, y = relu(x * scale + residual * r_scale + ...):
 // with `residual` given, the kernel also writes grad_residual = g' * r_scale (g' where
@@ -112,14 +77,6 @@ __device__ void store_block_partials(const State (&state)[kWidth], State* partia
   }
 }
 
-// Stage 2 for channel c: the blocks' partials merged in block order.
-template <typename State>
-__device__ State merge_partials(const State* partials, int row_blocks, int channels, int c) {
-  State merged = partials[c];
-  for (int b = 1; b < row_blocks; ++b) merged.merge(partials[int64_t(b) * channels + c]);
-  return merged;
-}
-
 template <typename T>
 __global__ void welford_partials_kernel(const T* __restrict__ x, int64_t rows, int channels,
                                         Welford* __restrict__ partials) {
@@ -139,12 +96,16 @@ __global__ void welford_partials_kernel(const T* __restrict__ x, int64_t rows, i
   store_block_partials(state, partials, channels);
 }
 
-__global__ void welford_finish_kernel(const Welford* __restrict__ partials, int row_blocks,
+// Stage 2 of the channel reductions: blockDim (kMergeChannels, kMergeLanes), a channel per
+// threadIdx.x.
+__device__ int merged_channel() { return blockIdx.x * kMergeChannels + threadIdx.x; }
+
+__global__ void welford_finish_kernel(const Welford* __restrict__ partials, int64_t row_blocks,
                                       int channels, float* __restrict__ mean,
                                       float* __restrict__ var) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
+  const int c = merged_channel();
   const Welford merged = merge_partials(partials, row_blocks, channels, c);
+  if (threadIdx.y != 0 || c >= channels) return;
   mean[c] = merged.mean;
   var[c] = merged.m2 / merged.count;  // biased, as BatchNorm normalizes with
 }
@@ -204,12 +165,12 @@ __global__ void affine_relu_backward_kernel(
   store_block_partials(state, partials, channels);
 }
 
-__global__ void sums_finish_kernel(const Sums* __restrict__ partials, int row_blocks,
+__global__ void sums_finish_kernel(const Sums* __restrict__ partials, int64_t row_blocks,
                                    int channels, float* __restrict__ sum,
                                    float* __restrict__ dot, float* __restrict__ dot_residual) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
+  const int c = merged_channel();
   const Sums merged = merge_partials(partials, row_blocks, channels, c);
+  if (threadIdx.y != 0 || c >= channels) return;
   sum[c] = merged.sum;
   dot[c] = merged.dot;
   if (dot_residual != nullptr) dot_residual[c] = merged.dot_residual;
@@ -263,7 +224,7 @@ Grid grid_for(const at::Tensor& x, int width) {
   const int64_t row_blocks = std::min<int64_t>(std::max<int64_t>(wanted, 1),
                                                (grid.rows + kRowLanes - 1) / kRowLanes);
   grid.blocks = dim3(static_cast<unsigned>(std::max<int64_t>(row_blocks, 1)), channel_blocks);
-  grid.finish_blocks = (grid.channels + kFinishThreads - 1) / kFinishThreads;
+  grid.finish_blocks = (grid.channels + kMergeChannels - 1) / kMergeChannels;
   return grid;
 }
 
@@ -326,18 +287,60 @@ std::tuple<at::Tensor, at::Tensor> channel_statistics_cuda(const at::Tensor& x) 
   }
   const Grid grid = grid_for(x, vector_width(x));
   at::Tensor partials = partials_buffer<Welford>(x, grid);
-  auto* states = reinterpret_cast<Welford*>(partials.mutable_data_ptr<float>());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    welford_partials_kernel<scalar_t><<<grid.blocks, grid.threads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), grid.rows, grid.channels, states);
+    welford_partials_kernel<scalar_t>
+        <<<grid.blocks, grid.threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            x.const_data_ptr<scalar_t>(), grid.rows, grid.channels,
+            reinterpret_cast<Welford*>(partials.mutable_data_ptr<float>()));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  welford_finish_kernel<<<grid.finish_blocks, kFinishThreads, 0, stream>>>(
-      states, grid.blocks.x, grid.channels, mean.mutable_data_ptr<float>(),
-      var.mutable_data_ptr<float>());
+  return merged_statistics_cuda(partials, grid.channels);
+}
+
+namespace {
+
+// The rows of per-block three-float states [rows, channels] in `partials`, checked.
+int64_t partial_rows(const char* op, const at::Tensor& partials, int64_t channels) {
+  TORCH_CHECK(partials.is_cuda() && partials.scalar_type() == at::kFloat &&
+                  partials.is_contiguous() && channels > 0 &&
+                  partials.numel() % (channels * 3) == 0,
+              op, ": partials must be contiguous float32 states of three floats for ", channels,
+              " channels on a GPU, got ", partials.sizes(), ", ", partials.scalar_type(), ", ",
+              partials.device());
+  return partials.numel() / (channels * 3);
+}
+
+int merge_blocks(int64_t channels) {
+  return static_cast<int>((channels + kMergeChannels - 1) / kMergeChannels);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> merged_statistics_cuda(const at::Tensor& partials,
+                                                          int64_t channels) {
+  const int64_t rows = partial_rows("merged_statistics", partials, channels);
+  const auto options = partials.options();
+  at::Tensor mean = at::empty({channels}, options), var = at::empty({channels}, options);
+  welford_finish_kernel<<<merge_blocks(channels), kMergeThreads, 0,
+                          at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const Welford*>(partials.const_data_ptr<float>()), rows,
+      static_cast<int>(channels), mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> merged_sums_cuda(const at::Tensor& partials,
+                                                    int64_t channels) {
+  const int64_t rows = partial_rows("merged_sums", partials, channels);
+  const auto options = partials.options();
+  at::Tensor dot = at::empty({channels}, options), sum = at::empty({channels}, options);
+  sums_finish_kernel<<<merge_blocks(channels), kMergeThreads, 0,
+                       at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const Sums*>(partials.const_data_ptr<float>()), rows,
+      static_cast<int>(channels), sum.mutable_data_ptr<float>(), dot.mutable_data_ptr<float>(),
+      nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dot, sum};
 }
 
 namespace {
@@ -403,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_af
                          : launch(affine_relu_backward_kernel<scalar_t, false>);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sums_finish_kernel<<<grid.finish_blocks, kFinishThreads, 0, stream>>>(
+  sums_finish_kernel<<<grid.finish_blocks, kMergeThreads, 0, stream>>>(
       states, grid.blocks.x, grid.channels, sum.mutable_data_ptr<float>(),
       dot.mutable_data_ptr<float>(),
       residual.has_value() ? dot_residual.mutable_data_ptr<float>() : nullptr);

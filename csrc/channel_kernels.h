@@ -19,6 +19,19 @@ namespace fused_resnet {
 // Welford states, so it stays exact when |mean| >> std (no sum of squares).
 std::tuple<at::Tensor, at::Tensor> channel_statistics_cuda(const at::Tensor& x);
 
+// (mean, biased variance) per channel from per-block Welford states (channel_states.cuh):
+// `partials` is contiguous fp32, [blocks, channels] states of (count, mean, M2) as a
+// convolution's statistics epilogue writes them (epilogue_reductions.cuh), merged in a fixed
+// order.
+std::tuple<at::Tensor, at::Tensor> merged_statistics_cuda(const at::Tensor& partials,
+                                                          int64_t channels);
+
+// (dot, sum) per channel, fp32, from per-block Sums states (channel_states.cuh): `partials` is
+// contiguous fp32, [blocks, channels] states of (sum, dot, unused) as a dgrad's prologue
+// backward writes them (epilogue_reductions.cuh), merged in a fixed order.
+std::tuple<at::Tensor, at::Tensor> merged_sums_cuda(const at::Tensor& partials,
+                                                    int64_t channels);
+
 // Backward of y = relu?(x * scale[c] + shift[c] + ...) for one affine input x:
 //   g' = grad where the ReLU passed (mask), else 0
 //   returns (g' * scale[c]  in x's dtype, sum of g' * x per channel, sum of g' per channel)

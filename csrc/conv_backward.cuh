@@ -3,8 +3,11 @@
 //
 //  * dgrad: DefaultConv2dDgrad, the unit-stride kernel for stride 1 and CUTLASS's strided
 //    dgrad (one pass per filter phase, zeros where no tap lands) for stride 2; output in the
-//    element type, as cuDNN's. The ReLU mask and the BN-backward reductions of a prologue
-//    follow in one pass (channel_kernels.cu).
+//    element type, as cuDNN's, with another gradient of the input added in the epilogue
+//    (LinearCombination, beta 1) when given. Through a BN-ReLU prologue at stride 1, the
+//    prologue's backward (ReLU mask, scale, the scale/shift gradients' per-channel sums) is
+//    applied in the epilogue (PrologueDgrad); at stride 2 it follows in one pass
+//    (channel_kernels.cu).
 //  * wgrad: parallel split-K. The pixel sum is cut into the slices conv_launch_plan chooses
 //    (so that a first-stage layer's few output tiles still fill the GPU); each slice writes
 //    fp32 partials, and ReduceSplitK adds them in slice order (deterministic) and rounds once
@@ -25,6 +28,7 @@
 #include <cutlass/reduction/thread/reduction_operators.h>
 
 #include "cutlass_conv.cuh"
+#include "epilogue_reductions.cuh"
 
 namespace fused_resnet::cutlass_conv {
 
@@ -44,6 +48,20 @@ struct BackwardKernels {
           cutlass::conv::IteratorAlgorithm::kOptimized, kStrideSupport>::Kernel>;
   using UnitStrideDgrad = Dgrad<cutlass::conv::StrideSupport::kUnity,
                                 cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>>;
+
+  // The unit-stride dgrad of a conv with a BN-ReLU prologue: its epilogue applies the
+  // prologue's backward to what it stores and sums the shift and scale gradients per channel
+  // (epilogue_reductions.cuh, PrologueBackward).
+  using PrologueDgradOp =
+      LinearCombinationGathering<Element, kAlignment, PrologueBackward<Element>>;
+  using PrologueDgrad = cutlass::conv::device::ImplicitGemmConvolution<
+      typename WithGatheringEpilogue<typename cutlass::conv::kernel::DefaultConv2dDgrad<
+          Element, Nhwc, Element, Nhwc, Element, Nhwc, float, cutlass::arch::OpClassTensorOp,
+          cutlass::arch::Sm80, typename Tile::Threadblock, typename Tile::PrologueWarp,
+          InstructionShape, PrologueDgradOp,
+          cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, Tile::kStages,
+          cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized,
+          cutlass::conv::StrideSupport::kUnity>::Kernel>::Kernel>;
   using StridedDgrad = Dgrad<cutlass::conv::StrideSupport::kStrided,
                              cutlass::conv::threadblock::StridedDgradIdentityThreadblockSwizzle<1>>;
 
@@ -59,7 +77,7 @@ struct BackwardKernels {
       typename cutlass::conv::kernel::DefaultConv2dWgradFusion<
           Element, Nhwc, Element, Nhwc, Element, cutlass::layout::RowMajor, float, Nhwc, float,
           cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, typename Tile::Threadblock,
-          typename Tile::PrologueWgradWarp, InstructionShape, WgradEpilogue,
+          typename Tile::PrologueWarp, InstructionShape, WgradEpilogue,
           cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, Tile::kStages,
           cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel>;
 
@@ -76,19 +94,40 @@ void run_dgrad(const DgradLaunch& launch, cudaStream_t stream, const char* what)
   const ConvProblem& p = launch.problem;
   check_plan<Operator>(p, launch.plan, what);
   const auto grad_input = activation<Element>(p, launch.grad_input);
+  // `other` is the epilogue's source: grad_input = dgrad + 1 * other.
+  const auto other = activation<Element>(p, launch.other ? launch.other : launch.grad_input);
   typename Operator::Arguments arguments{problem_size(p),
                                          output<Element>(p, launch.grad_output),
                                          filter<Element>(p, launch.weight),
+                                         other,
                                          grad_input,
-                                         grad_input,
-                                         {1.f, 0.f}};
+                                         {1.f, launch.other ? 1.f : 0.f}};
   launch_operator<Operator>(arguments, stream, launch.check_only, what);
 }
 
 template <typename Element, typename Tile>
 void conv_dgrad_tiled(const DgradLaunch& launch, cudaStream_t stream) {
   using Kernels = BackwardKernels<Element, Tile>;
-  if (launch.problem.stride == 1) {
+  if (launch.in_scale != nullptr) {
+    using Operator = typename Kernels::PrologueDgrad;
+    const ConvProblem& p = launch.problem;
+    TORCH_CHECK(p.stride == 1 && launch.other == nullptr && launch.sums != nullptr,
+                "fused_resnet conv_dgrad (BN-ReLU prologue): stride 1, no other gradient and "
+                "a sums buffer expected");
+    check_plan<Operator>(p, launch.plan, "conv_dgrad (BN-ReLU prologue)");
+    const auto grad_input = activation<Element>(p, launch.grad_input);
+    typename Operator::Arguments arguments{
+        problem_size(p),
+        output<Element>(p, launch.grad_output),
+        filter<Element>(p, launch.weight),
+        grad_input,
+        grad_input,
+        {1.f, 0.f,
+         {static_cast<const Element*>(launch.prologue_x), launch.in_scale, launch.in_shift,
+          static_cast<Sums*>(launch.sums)}}};
+    launch_operator<Operator>(arguments, stream, launch.check_only,
+                              "conv_dgrad (BN-ReLU prologue)");
+  } else if (launch.problem.stride == 1) {
     run_dgrad<typename Kernels::UnitStrideDgrad, Element>(launch, stream, "conv_dgrad");
   } else {
     run_dgrad<typename Kernels::StridedDgrad, Element>(launch, stream, "conv_dgrad (strided)");
@@ -108,8 +147,7 @@ void conv_wgrad_tiled(const WgradLaunch& launch, cudaStream_t stream) {
   const size_t partials_bytes = sizeof(float) * split_k * size_t(p.k) * p.r * p.s * p.c;
   constexpr auto kParallel = cutlass::conv::SplitKMode::kParallel;
   // In parallel mode CUTLASS asks for a workspace of the partials' size, also for one slice;
-  // the partials buffer is it. With more than one slice initialize() zeroes it before the
-  // kernel overwrites it (one memset); with one, nothing touches it but the kernel.
+  // the partials buffer is it, and the kernel overwrites it whole (launch_split_k_operator).
   if (launch.in_scale != nullptr) {
     check_plan<typename Kernels::PrologueWgrad>(p, launch.plan, "conv_wgrad (BN-ReLU prologue)");
     typename Kernels::PrologueWgrad::Arguments arguments{
@@ -122,15 +160,16 @@ void conv_wgrad_tiled(const WgradLaunch& launch, cudaStream_t stream) {
         partials,
         {1.f, 0.f},
         kParallel};
-    launch_operator<typename Kernels::PrologueWgrad>(arguments, stream, launch.check_only,
-                                                     "conv_wgrad (BN-ReLU prologue)",
-                                                     launch.workspace, partials_bytes);
+    launch_split_k_operator<typename Kernels::PrologueWgrad>(
+        arguments, stream, launch.check_only, "conv_wgrad (BN-ReLU prologue)",
+        launch.workspace, partials_bytes);
   } else {
     check_plan<typename Kernels::Wgrad>(p, launch.plan, "conv_wgrad");
     typename Kernels::Wgrad::Arguments arguments{size,     grad_output, x,        partials,
                                                  partials, {1.f, 0.f},  kParallel};
-    launch_operator<typename Kernels::Wgrad>(arguments, stream, launch.check_only,
-                                             "conv_wgrad", launch.workspace, partials_bytes);
+    launch_split_k_operator<typename Kernels::Wgrad>(arguments, stream, launch.check_only,
+                                                     "conv_wgrad", launch.workspace,
+                                                     partials_bytes);
   }
   using Reduction = typename Kernels::SplitKReduction;
   const int row = p.r * p.s * p.c;

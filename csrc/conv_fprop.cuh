@@ -1,22 +1,25 @@
 // The fused forward convolution (FpropLaunch in conv_kernels.h), instantiated per element
 // type by conv_fprop_{f16,bf16}.cu.
 //
-// Two CUTLASS kernels:
+// Three CUTLASS kernels:
 //  * with a prologue: DefaultConv2dFpropFusion (CUTLASS example 25), BN-ReLU applied to the
 //    activation tile in registers between the shared-memory load and the MMA; epilogue
-//    y = acc [+ residual] (LinearCombination, beta 0 or 1);
-//  * without: DefaultConv2dFpropWithBroadcast, whose epilogue gets a per-output-channel
+//    y = acc [+ residual] (beta 0 or 1), with the batch statistics of y when asked
+//    (epilogue_reductions.cuh, OutputStatistics);
+//  * without a prologue, with statistics: DefaultConv2dFprop, y = acc and its statistics;
+//  * without either: DefaultConv2dFpropWithBroadcast, whose epilogue gets a per-output-channel
 //    vector: y = act(acc + bias[k] [+ residual]) (BiasResidualRelu below), which is what an
 //    inference-mode conv + BN (scale folded into the weight) + shortcut + ReLU needs.
 #pragma once
 
 // The kernel headers define what the device-level wrappers use: they come first.
+#include <cutlass/conv/kernel/default_conv2d_fprop.h>
 #include <cutlass/conv/kernel/default_conv2d_fprop_fusion.h>
 #include <cutlass/conv/kernel/default_conv2d_fprop_with_broadcast.h>
 #include <cutlass/conv/device/implicit_gemm_convolution.h>
 #include <cutlass/conv/device/implicit_gemm_convolution_fusion.h>
-#include <cutlass/epilogue/thread/linear_combination.h>
 
+#include "epilogue_reductions.cuh"
 #include "cutlass_conv.cuh"
 
 namespace fused_resnet::cutlass_conv {
@@ -91,15 +94,25 @@ class BiasResidualRelu {
 template <typename Element, typename Tile>
 struct FpropKernels {
   static int const kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
+  using OutputOp = LinearCombinationGathering<Element, kAlignment, OutputStatistics>;
 
   using Prologue = cutlass::conv::device::ImplicitGemmConvolutionFusion<
-      typename cutlass::conv::kernel::DefaultConv2dFpropFusion<
+      typename WithGatheringEpilogue<typename cutlass::conv::kernel::DefaultConv2dFpropFusion<
           Element, Nhwc, Element, Nhwc, Element, cutlass::layout::RowMajor, Element, Nhwc,
           float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-          typename Tile::Threadblock, typename Tile::Warp, InstructionShape,
-          cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>,
+          typename Tile::Threadblock, typename Tile::Warp, InstructionShape, OutputOp,
           cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, Tile::kStages,
-          cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel>;
+          cutlass::arch::OpMultiplyAdd,
+          cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel>::Kernel>;
+
+  using Statistics = cutlass::conv::device::ImplicitGemmConvolution<
+      typename WithGatheringEpilogue<typename cutlass::conv::kernel::DefaultConv2dFprop<
+          Element, Nhwc, Element, Nhwc, Element, Nhwc, float, cutlass::arch::OpClassTensorOp,
+          cutlass::arch::Sm80, typename Tile::Threadblock, typename Tile::Warp,
+          InstructionShape, OutputOp,
+          cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, Tile::kStages,
+          cutlass::arch::OpMultiplyAdd,
+          cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel>::Kernel>;
 
   using Broadcast = cutlass::conv::device::ImplicitGemmConvolution<
       typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
@@ -118,6 +131,10 @@ void conv_fprop_tiled(const FpropLaunch& launch, cudaStream_t stream) {
   const auto y = output<Element>(p, launch.y);
   // Without a residual the source operand is never read; it still needs a valid ref.
   const auto residual = output<Element>(p, launch.residual ? launch.residual : launch.y);
+  const typename Kernels::OutputOp::Params output_op{
+      1.f, launch.residual ? 1.f : 0.f, {static_cast<Welford*>(launch.statistics)}};
+  TORCH_CHECK(!(launch.statistics && launch.residual),
+              "fused_resnet conv_fprop: statistics are of the conv output, without a residual");
   if (launch.in_scale != nullptr) {
     TORCH_CHECK(launch.bias == nullptr && !launch.relu,
                 "fused_resnet conv_fprop: a conv with a prologue takes no bias or ReLU");
@@ -130,9 +147,19 @@ void conv_fprop_tiled(const FpropLaunch& launch, cudaStream_t stream) {
         channel_vector<Element>(launch.in_shift, p.c),
         residual,
         y,
-        {1.f, launch.residual ? 1.f : 0.f}};
+        output_op};
     launch_operator<typename Kernels::Prologue>(arguments, stream, launch.check_only,
                                                 "conv_fprop (BN-ReLU prologue)");
+  } else if (launch.statistics != nullptr) {
+    TORCH_CHECK(launch.bias == nullptr && !launch.relu,
+                "fused_resnet conv_fprop: statistics are of the conv output, without an "
+                "epilogue");
+    check_plan<typename Kernels::Statistics>(p, launch.plan, "conv_fprop (statistics)");
+    typename Kernels::Statistics::Arguments arguments{
+        size, activation<Element>(p, launch.x), filter<Element>(p, launch.weight), y, y,
+        output_op};
+    launch_operator<typename Kernels::Statistics>(arguments, stream, launch.check_only,
+                                                  "conv_fprop (statistics)");
   } else {
     check_plan<typename Kernels::Broadcast>(p, launch.plan, "conv_fprop");
     typename Kernels::Broadcast::Arguments arguments{

@@ -18,7 +18,15 @@ struct ConvProblem {
 };
 
 // The CUTLASS kernels the ops launch.
-enum class ConvKernel { kFprop, kFpropPrologue, kDgrad, kWgrad, kWgradPrologue };
+enum class ConvKernel {
+  kFprop,
+  kFpropStatistics,
+  kFpropPrologue,
+  kDgrad,
+  kDgradPrologue,  // stride 1 only
+  kWgrad,
+  kWgradPrologue
+};
 
 // How one kernel covers a problem: its threadblock tile (implicit GEMM M x N x K), the grid
 // of tiles and the split-K slices, grid_m * grid_n * split_k threadblocks in all.
@@ -49,6 +57,10 @@ void conv_launch_check(ConvKernel kernel, const ConvProblem& problem, int sm_cou
 //                 vectors, CUTLASS example 25), zero padding after it;
 //   bias: fp32 vector of K entries or null; residual: like y, or null; act: ReLU or none.
 // With a prologue the epilogue takes only the residual (no bias, no ReLU).
+// statistics (non-null only without bias, residual and ReLU): where the epilogue writes the
+//   per-channel Welford states (count, mean, M2; channel_states.cuh) of y's rows in each row
+//   tile:
+//   plan.grid_m * K states, tile-major (epilogue_reductions.cuh).
 struct FpropLaunch {
   ConvProblem problem;
   LaunchPlan plan;
@@ -60,17 +72,28 @@ struct FpropLaunch {
   const float* bias = nullptr;
   const void* residual = nullptr;
   bool relu = false;
+  void* statistics = nullptr;
   bool check_only = false;
 };
 
-// grad_input = conv_transpose(grad_output, W): the gradient of the conv's input (before any
-// prologue backward, which channel_kernels.h does).
+// grad_input = conv_transpose(grad_output, W) [+ other]: the gradient of the conv's input;
+// `other`, like grad_input or null, another gradient of the same input (a block's shortcut),
+// added in the epilogue. With in_scale (stride 1, no other): the conv's input was
+// relu(prologue_x * in_scale + in_shift), fp32 vectors, and grad_input is the gradient of
+// prologue_x through it, with the per-channel Sums (channel_states.cuh: sum of the masked
+// gradient, and dot, of it times prologue_x) of each row tile in `sums`, plan.grid_m * C
+// states, tile-major (epilogue_reductions.cuh).
 struct DgradLaunch {
   ConvProblem problem;
   LaunchPlan plan;
   const void* grad_output;
   const void* weight;
   void* grad_input;
+  const void* other = nullptr;
+  const void* prologue_x = nullptr;
+  const float* in_scale = nullptr;
+  const float* in_shift = nullptr;
+  void* sums = nullptr;
   bool check_only = false;
 };
 

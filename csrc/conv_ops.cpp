@@ -1,8 +1,14 @@
 // CUDA implementations of the fused convolution ops (schemas in registration.cpp):
 //
-//   cuda_conv        y = epilogue(conv(prologue(x), W)) [+ batch statistics of y]
-//   cuda_conv_dgrad  grad of the conv input, then the prologue's ReLU mask and BN-backward
-//                    reductions (grad_x, grad_in_scale, grad_in_shift)
+//   cuda_conv        y = epilogue(conv(prologue(x), W)) [+ batch statistics of y, gathered in
+//                    the conv's epilogue]
+//   cuda_conv_bn_train  the conv with statistics, then the finalize of the training BatchNorm
+//                    it feeds (scale/shift, running statistics), which merges the epilogue's
+//                    partials itself: two launches
+//   cuda_conv_dgrad  grad of the conv input [+ another gradient of it, in the epilogue],
+//                    through the prologue's ReLU mask and scale, with its BN-backward
+//                    reductions (grad_x, grad_in_scale, grad_in_shift): in the epilogue at
+//                    stride 1, in a pass after the conv at stride 2
 //   cuda_conv_wgrad  grad of W, with the prologue recomputed in the mainloop
 //
 // Same signatures and meaning as the Triton backend's triton_conv* ops; the plain-PyTorch
@@ -16,7 +22,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
+#include <utility>
 
 #include "batch_norm_finalize.h"
 #include "channel_kernels.h"
@@ -100,7 +108,8 @@ at::Tensor output_nhwc(const at::Tensor& x, int n, int c, int h, int w) {
   return at::empty({n, c, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
-// A prologue's (scale, shift) as the mainloop fusion reads them: vectors in x's dtype.
+// A prologue's (scale, shift) as the mainloop fusion reads them: dense, aligned vectors in
+// x's dtype; converted together, in one launch, when they are not.
 std::pair<at::Tensor, at::Tensor> prologue_vectors(const char* op, const at::Tensor& x,
                                                    const c10::optional<at::Tensor>& scale,
                                                    const c10::optional<at::Tensor>& shift) {
@@ -113,7 +122,13 @@ std::pair<at::Tensor, at::Tensor> prologue_vectors(const char* op, const at::Ten
                 name, " must be a vector of x.size(1) = ", x.size(1), " elements on ",
                 x.device(), ", got shape ", v.sizes(), " on ", v.device());
   }
-  return {channel_vector(*scale, x.scalar_type()), channel_vector(*shift, x.scalar_type())};
+  const auto read_as_is = [&](const at::Tensor& v) {
+    return v.scalar_type() == x.scalar_type() && v.is_contiguous() &&
+           reinterpret_cast<uintptr_t>(v.const_data_ptr()) % kAlignmentBytes == 0;
+  };
+  if (read_as_is(*scale) && read_as_is(*shift)) return {*scale, *shift};
+  const at::Tensor both = stacked_vectors_cuda(*scale, *shift, x.scalar_type());
+  return {both[0], both[1]};
 }
 
 void check_output_gradient(const char* op, const at::Tensor& grad, const ConvProblem& p,
@@ -146,12 +161,16 @@ bool is_half(const at::Tensor& x) { return x.scalar_type() == at::kHalf; }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv(
-    const at::Tensor& x_in, const at::Tensor& weight_in, int64_t stride,
+namespace {
+
+// The forward conv of cuda_conv and cuda_conv_bn_train: (y, the epilogue's statistics
+// partials, fp32 [grid_m, K] Welford states, undefined unless `statistics`). An empty output
+// launches nothing and has empty partials.
+std::pair<at::Tensor, at::Tensor> conv_forward(
+    const char* op, const at::Tensor& x_in, const at::Tensor& weight_in, int64_t stride,
     const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& in_shift,
     const c10::optional<at::Tensor>& out_scale, const c10::optional<at::Tensor>& out_shift,
     const c10::optional<at::Tensor>& residual_in, bool out_relu, bool statistics) {
-  constexpr const char* op = "cuda_conv";
   const ConvProblem p = conv_problem(op, x_in, weight_in, stride);
   const bool epilogue = out_scale.has_value() || out_shift.has_value() ||
                         residual_in.has_value() || out_relu;
@@ -161,7 +180,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv(
   TORCH_CHECK(!(in_scale.has_value() &&
                 (out_scale.has_value() || out_shift.has_value() || out_relu)),
               op, ": with a prologue (in_scale) the epilogue takes only a residual");
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
   const auto [scale_vec, shift_vec] = prologue_vectors(op, x_in, in_scale, in_shift);
   const at::Tensor x = nhwc(x_in);
   // An epilogue scale is folded into the weight (per output channel), so the kernel's
@@ -189,50 +207,128 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv(
                 residual_in->scalar_type(), ", ", residual_in->device());
     residual = nhwc(*residual_in);
   }
-  if (y.numel() > 0) {
-    const LaunchPlan plan = launch_plan(
-        scale_vec.defined() ? ConvKernel::kFpropPrologue : ConvKernel::kFprop, p, x);
-    FpropLaunch launch{p, plan, x.const_data_ptr(), weight.const_data_ptr(),
-                       y.mutable_data_ptr()};
-    if (scale_vec.defined()) {
-      launch.in_scale = scale_vec.const_data_ptr();
-      launch.in_shift = shift_vec.const_data_ptr();
-    }
-    launch.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-    launch.residual = residual.defined() ? residual.const_data_ptr() : nullptr;
-    launch.relu = out_relu;
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    is_half(x) ? conv_fprop_f16(launch, stream) : conv_fprop_bf16(launch, stream);
+  if (y.numel() == 0) return {y, empty_statistics(x)};
+  const ConvKernel kernel = scale_vec.defined() ? ConvKernel::kFpropPrologue
+                            : statistics        ? ConvKernel::kFpropStatistics
+                                                : ConvKernel::kFprop;
+  const LaunchPlan plan = launch_plan(kernel, p, x);
+  FpropLaunch launch{p, plan, x.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr()};
+  if (scale_vec.defined()) {
+    launch.in_scale = scale_vec.const_data_ptr();
+    launch.in_shift = shift_vec.const_data_ptr();
   }
+  launch.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  launch.residual = residual.defined() ? residual.const_data_ptr() : nullptr;
+  launch.relu = out_relu;
+  at::Tensor partials;
+  if (statistics) {
+    partials = at::empty({int64_t(plan.grid_m) * p.k * 3}, x.options().dtype(at::kFloat));
+    launch.statistics = partials.mutable_data_ptr<float>();
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  is_half(x) ? conv_fprop_f16(launch, stream) : conv_fprop_bf16(launch, stream);
+  return {y, partials};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv(
+    const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+    const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& in_shift,
+    const c10::optional<at::Tensor>& out_scale, const c10::optional<at::Tensor>& out_shift,
+    const c10::optional<at::Tensor>& residual, bool out_relu, bool statistics) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  auto [y, partials] = conv_forward("cuda_conv", x, weight, stride, in_scale, in_shift,
+                                    out_scale, out_shift, residual, out_relu, statistics);
   if (!statistics) return {y, empty_statistics(x), empty_statistics(x)};
-  auto [mean, var] = channel_statistics_cuda(y);
+  // An empty output's statistics are NaN (0 / 0), which channel_statistics_cuda gives.
+  auto [mean, var] = y.numel() == 0 ? channel_statistics_cuda(y)
+                                    : merged_statistics_cuda(partials, y.size(1));
   return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_conv_bn_train(
+    const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+    const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& in_shift,
+    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+    double eps, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& num_batches_tracked, c10::optional<double> momentum) {
+  constexpr const char* op = "cuda_conv_bn_train";
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  auto [y, partials] = conv_forward(op, x, weight, stride, in_scale, in_shift, c10::nullopt,
+                                    c10::nullopt, c10::nullopt, false, true);
+  const int64_t count = y.numel() / std::max<int64_t>(y.size(1), 1);
+  TORCH_CHECK(count > 1, op, ": a training BatchNorm needs more than one value per channel, "
+              "got ", count, " (output shape ", y.sizes(), ")");
+  auto [mean, var, scale, shift] = bn_merge_train_finalize_cuda(
+      partials, y.size(1), bn_weight, bn_bias, eps, running_mean, running_var,
+      num_batches_tracked, momentum, count);
+  return {y, mean, var, scale, shift};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv_dgrad(
     const at::Tensor& grad_in, const at::Tensor& weight_in, const at::Tensor& x_in,
     int64_t stride, const c10::optional<at::Tensor>& in_scale,
-    const c10::optional<at::Tensor>& in_shift) {
+    const c10::optional<at::Tensor>& in_shift, const c10::optional<at::Tensor>& other_in) {
   constexpr const char* op = "cuda_conv_dgrad";
   const ConvProblem p = conv_problem(op, x_in, weight_in, stride);
   check_output_gradient(op, grad_in, p, x_in);
   TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), op,
               ": in_scale and in_shift go together");
+  if (other_in.has_value()) {
+    TORCH_CHECK(other_in->sizes() == x_in.sizes() &&
+                    other_in->scalar_type() == x_in.scalar_type() &&
+                    other_in->device() == x_in.device(),
+                op, ": other must be a gradient of x: shape ", x_in.sizes(), ", ",
+                x_in.scalar_type(), " on ", x_in.device(), "; got ", other_in->sizes(), ", ",
+                other_in->scalar_type(), " on ", other_in->device());
+  }
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor grad = nhwc(grad_in);
   const at::Tensor weight = nhwc(weight_in);
   const at::Tensor x = nhwc(x_in);
   at::Tensor grad_input = output_nhwc(x, p.n, p.c, p.h, p.w);
-  if (grad_input.numel() > 0) {
-    const DgradLaunch launch{p, launch_plan(ConvKernel::kDgrad, p, x), grad.const_data_ptr(),
-                             weight.const_data_ptr(), grad_input.mutable_data_ptr()};
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    is_half(x) ? conv_dgrad_f16(launch, stream) : conv_dgrad_bf16(launch, stream);
+  if (grad_input.numel() == 0) {
+    if (!in_scale.has_value()) return {grad_input, empty_statistics(x), empty_statistics(x)};
+    return affine_relu_backward_cuda(grad_input, x, float_vector(*in_scale),
+                                     float_vector(*in_shift), c10::nullopt);  // zero sums
   }
-  if (!in_scale.has_value()) return {grad_input, empty_statistics(x), empty_statistics(x)};
-  // Through the prologue relu(x * scale + shift): the ReLU mask is recomputed from x.
-  return affine_relu_backward_cuda(grad_input, x, float_vector(*in_scale),
-                                   float_vector(*in_shift), c10::nullopt);
+  // Through a prologue relu(x * scale + shift) (the ReLU mask recomputed from x): at stride 1
+  // in the dgrad's epilogue, which writes per-row-tile sums of the scale and shift gradients;
+  // at stride 2 in a pass after it. `other` is added in the epilogue without a prologue, and
+  // to the prologue's backward, x's gradient, after it (a use the blocks never make).
+  const bool prologue = in_scale.has_value();
+  const bool prologue_in_epilogue = prologue && p.stride == 1;
+  const at::Tensor other = other_in.has_value() && !prologue ? nhwc(*other_in) : at::Tensor();
+  const at::Tensor scale = prologue ? float_vector(*in_scale) : at::Tensor();
+  const at::Tensor shift = prologue ? float_vector(*in_shift) : at::Tensor();
+  const LaunchPlan plan = launch_plan(
+      prologue_in_epilogue ? ConvKernel::kDgradPrologue : ConvKernel::kDgrad, p, x);
+  DgradLaunch launch{p, plan, grad.const_data_ptr(), weight.const_data_ptr(),
+                     grad_input.mutable_data_ptr()};
+  launch.other = other.defined() ? other.const_data_ptr() : nullptr;
+  at::Tensor sums;  // the epilogue's Sums (sum, dot, unused) per row tile and channel
+  if (prologue_in_epilogue) {
+    sums = at::empty({int64_t(plan.grid_m) * p.c * 3}, x.options().dtype(at::kFloat));
+    launch.prologue_x = x.const_data_ptr();
+    launch.in_scale = scale.const_data_ptr<float>();
+    launch.in_shift = shift.const_data_ptr<float>();
+    launch.sums = sums.mutable_data_ptr<float>();
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  is_half(x) ? conv_dgrad_f16(launch, stream) : conv_dgrad_bf16(launch, stream);
+  if (!prologue) return {grad_input, empty_statistics(x), empty_statistics(x)};
+  at::Tensor grad_x, grad_scale, grad_shift;
+  if (prologue_in_epilogue) {
+    grad_x = grad_input;
+    std::tie(grad_scale, grad_shift) = merged_sums_cuda(sums, p.c);
+  } else {
+    std::tie(grad_x, grad_scale, grad_shift) =
+        affine_relu_backward_cuda(grad_input, x, scale, shift, c10::nullopt);
+  }
+  if (other_in.has_value()) grad_x.add_(*other_in);
+  return {grad_x, grad_scale, grad_shift};
 }
 
 at::Tensor cuda_conv_wgrad(const at::Tensor& grad_in, const at::Tensor& x_in,
@@ -303,6 +399,7 @@ at::Tensor statistics_backward(const at::Tensor& grad, const at::Tensor& y,
 
 TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("cuda_conv", &fused_resnet::cuda_conv);
+  m.impl("cuda_conv_bn_train", &fused_resnet::cuda_conv_bn_train);
   m.impl("cuda_conv_dgrad", &fused_resnet::cuda_conv_dgrad);
   m.impl("cuda_conv_wgrad", &fused_resnet::cuda_conv_wgrad);
   m.impl("cuda_channel_stats", &fused_resnet::cuda_channel_stats);

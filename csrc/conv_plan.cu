@@ -59,11 +59,15 @@ LaunchPlan wgrad_plan(const ConvProblem& p, int sm_count) {
 template <typename Tile>
 using FpropBroadcast = typename Fprop<Tile>::Broadcast;
 template <typename Tile>
+using FpropStatistics = typename Fprop<Tile>::Statistics;
+template <typename Tile>
 using FpropPrologue = typename Fprop<Tile>::Prologue;
 template <typename Tile>
 using UnitStrideDgrad = typename Backward<Tile>::UnitStrideDgrad;
 template <typename Tile>
 using StridedDgrad = typename Backward<Tile>::StridedDgrad;
+template <typename Tile>
+using PrologueDgrad = typename Backward<Tile>::PrologueDgrad;
 template <typename Tile>
 using Wgrad = typename Backward<Tile>::Wgrad;
 template <typename Tile>
@@ -85,11 +89,18 @@ LaunchPlan conv_launch_plan(ConvKernel kernel, const ConvProblem& p, int sm_coun
   switch (kernel) {
     case ConvKernel::kFprop:
       return output_tiled_plan<FpropBroadcast>(p, sm_count);
+    case ConvKernel::kFpropStatistics:
+      return output_tiled_plan<FpropStatistics>(p, sm_count);
     case ConvKernel::kFpropPrologue:
       return output_tiled_plan<FpropPrologue>(p, sm_count);
     case ConvKernel::kDgrad:
       return p.stride == 1 ? output_tiled_plan<UnitStrideDgrad>(p, sm_count)
                            : output_tiled_plan<StridedDgrad>(p, sm_count);
+    case ConvKernel::kDgradPrologue:
+      TORCH_CHECK(p.stride == 1, "conv_launch_plan: dgrad_prologue is the unit-stride dgrad "
+                  "(a strided one applies the prologue's backward after it); got stride ",
+                  p.stride);
+      return output_tiled_plan<PrologueDgrad>(p, sm_count);
     case ConvKernel::kWgrad:
       return wgrad_plan<Wgrad>(p, sm_count);
     case ConvKernel::kWgradPrologue:
@@ -105,14 +116,22 @@ void conv_launch_check(ConvKernel kernel, const ConvProblem& p, int sm_count) {
   void* data = placeholder;
   switch (kernel) {
     case ConvKernel::kFprop:
+    case ConvKernel::kFpropStatistics:
     case ConvKernel::kFpropPrologue: {
       FpropLaunch launch{p, plan, data, data, data};
+      if (kernel == ConvKernel::kFpropStatistics) launch.statistics = data;
       if (kernel == ConvKernel::kFpropPrologue) launch.in_scale = launch.in_shift = data;
       return check_both_types(launch, conv_fprop_f16, conv_fprop_bf16);
     }
     case ConvKernel::kDgrad:
-      return check_both_types(DgradLaunch{p, plan, data, data, data}, conv_dgrad_f16,
-                              conv_dgrad_bf16);
+    case ConvKernel::kDgradPrologue: {
+      DgradLaunch launch{p, plan, data, data, data};
+      if (kernel == ConvKernel::kDgradPrologue) {
+        launch.prologue_x = launch.sums = data;
+        launch.in_scale = launch.in_shift = static_cast<const float*>(data);
+      }
+      return check_both_types(launch, conv_dgrad_f16, conv_dgrad_bf16);
+    }
     case ConvKernel::kWgrad:
     case ConvKernel::kWgradPrologue: {
       WgradLaunch launch{p, plan, data, data, data, static_cast<float*>(data)};

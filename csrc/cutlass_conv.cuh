@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cutlass/conv/conv2d_problem_size.h>
+#include <cutlass/conv/device/implicit_gemm_convolution_fusion.h>
+#include <cutlass/device_kernel.h>
 #include <cutlass/conv/warp/scale_bias_relu_transform.h>
 #include <cutlass/cutlass.h>
 #include <cutlass/gemm/gemm.h>
@@ -29,20 +31,21 @@ using InstructionShape = cutlass::gemm::GemmShape<16, 8, 16>;
 // quarter of the area, for problems whose large-tile grid has fewer threadblocks than the GPU
 // has multiprocessors (late-stage layers at small batch) and for wgrad's 64-channel layers,
 // where half of a 128-row tile would be padding. conv_launch_plan picks one per launch.
-// PrologueWgradWarp: the BN-ReLU wgrad's warps. Its operand transform holds scale/bias
-// fragments besides the accumulators: with four 64x64 warps ptxas spilled 52 (bf16) and 80
-// (fp16) bytes on sm_90 at the 255-register cap; eight 64x32 warps take 187-189 registers and
-// no spill (tools/cuda_gate.py's table).
+// PrologueWarp: the warps of the kernels that hold a BN-ReLU prologue's per-channel vectors
+// besides the accumulators (the BN-ReLU wgrad's operand transform, the dgrad epilogue's
+// prologue backward). With four 64x64 warps the wgrad spilled 52 (bf16) and 80 (fp16) bytes
+// on sm_90 at the 255-register cap; eight 64x32 warps hold half the accumulators each
+// (registers and spills: tools/cuda_gate.py's table).
 struct LargeTile {
   using Threadblock = cutlass::gemm::GemmShape<128, 128, 32>;
   using Warp = cutlass::gemm::GemmShape<64, 64, 32>;
-  using PrologueWgradWarp = cutlass::gemm::GemmShape<64, 32, 32>;
+  using PrologueWarp = cutlass::gemm::GemmShape<64, 32, 32>;
   static constexpr int kStages = 4;
 };
 struct SmallTile {
   using Threadblock = cutlass::gemm::GemmShape<64, 64, 32>;
   using Warp = cutlass::gemm::GemmShape<32, 32, 32>;
-  using PrologueWgradWarp = Warp;
+  using PrologueWarp = Warp;
   static constexpr int kStages = 5;
 };
 using Nhwc = cutlass::layout::TensorNHWC;
@@ -114,29 +117,73 @@ void check_plan(const ConvProblem& p, const LaunchPlan& plan, const char* what) 
               "fused_resnet ", what, ": the kernel's tiles differ from the launch plan's");
 }
 
-// Checks that CUTLASS takes the problem, then runs it on `stream` (unless `check_only`: the
-// CPU gate's dry run, whose pointers are placeholders). `what` names the kernel in the error.
-// `workspace`: `workspace_bytes` for a kernel that asks for one (wgrad's split-K partials,
-// sized by the caller from the plan).
+// Checks that CUTLASS takes the problem with `workspace_bytes` of workspace; throws naming
+// `what` otherwise.
 template <typename Operator>
-void launch_operator(const typename Operator::Arguments& arguments, cudaStream_t stream,
-                     bool check_only, const char* what, void* workspace = nullptr,
-                     size_t workspace_bytes = 0) {
-  Operator op;
-  cutlass::Status status = op.can_implement(arguments);
+void check_arguments(const Operator& op, const typename Operator::Arguments& arguments,
+                     const char* what, size_t workspace_bytes) {
+  const cutlass::Status status = op.can_implement(arguments);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet ", what,
               ": CUTLASS cannot run this problem (", cutlassGetStatusString(status), ")");
   TORCH_CHECK(op.get_workspace_size(arguments) <= workspace_bytes, "fused_resnet ", what,
               ": CUTLASS asks for a workspace of ", op.get_workspace_size(arguments),
               " bytes, the launch provides ", workspace_bytes);
+}
+
+// Checks that CUTLASS takes the problem, then runs it on `stream` (unless `check_only`: the
+// CPU gate's dry run, whose pointers are placeholders). `what` names the kernel in the error.
+template <typename Operator>
+void launch_operator(const typename Operator::Arguments& arguments, cudaStream_t stream,
+                     bool check_only, const char* what) {
+  Operator op;
+  check_arguments(op, arguments, what, 0);
   if (check_only) return;
-  status = op.initialize(arguments, workspace, stream);
+  cutlass::Status status = op.initialize(arguments, nullptr, stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet ", what,
               ": CUTLASS initialization failed (", cutlassGetStatusString(status), ")");
   status = op.run(stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "fused_resnet ", what,
               ": CUTLASS launch failed (", cutlassGetStatusString(status), ")");
   const cudaError_t error = cudaGetLastError();
+  TORCH_CHECK(error == cudaSuccess, "fused_resnet ", what, ": ", cudaGetErrorString(error));
+}
+
+// The kernel-level type of a CUTLASS device-level convolution.
+template <typename Operator>
+struct KernelOf {
+  using Type = typename Operator::UnderlyingKernel;
+};
+template <typename Kernel>
+struct KernelOf<cutlass::conv::device::ImplicitGemmConvolutionFusion<Kernel>> {
+  using Type = Kernel;
+};
+
+// launch_operator for a parallel split-K convolution (`Operator`, a CUTLASS device-level
+// conv) whose workspace, `workspace_bytes` at `workspace`, is the slices' partials: launched
+// as its initialize() and run() do, less initialize()'s zeroing of the workspace. Every
+// slice's threadblocks overwrite their partials whole (each writes its entire output tile,
+// zeros where its pixels contribute nothing), so zeroing them first would be a full extra
+// write for nothing.
+template <typename Operator>
+void launch_split_k_operator(const typename Operator::Arguments& arguments, cudaStream_t stream,
+                             bool check_only, const char* what, void* workspace,
+                             size_t workspace_bytes) {
+  check_arguments(Operator(), arguments, what, workspace_bytes);
+  if (check_only) return;
+  using Kernel = typename KernelOf<Operator>::Type;
+  const typename Kernel::Params params(arguments, static_cast<int*>(workspace));
+  const dim3 grid = typename Kernel::ThreadblockSwizzle().get_grid_shape(params.grid_tiled_shape);
+  const int shared_bytes = int(sizeof(typename Kernel::SharedStorage));
+  cudaError_t error = cudaSuccess;
+  if (shared_bytes >= (48 << 10)) {
+    error = cudaFuncSetAttribute(cutlass::Kernel<Kernel>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
+  }
+  if (error == cudaSuccess) {
+    cutlass::Kernel<Kernel><<<grid, dim3(32 * Operator::kWarpCount), shared_bytes, stream>>>(
+        params);
+    error = cudaGetLastError();
+  }
   TORCH_CHECK(error == cudaSuccess, "fused_resnet ", what, ": ", cudaGetErrorString(error));
 }
 

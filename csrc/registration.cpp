@@ -29,14 +29,17 @@ std::pair<ConvKernel, ConvProblem> parse_launch(const char* op, const std::strin
                                                 at::IntArrayRef problem) {
   static const std::pair<std::string_view, ConvKernel> kKernels[] = {
       {"fprop", ConvKernel::kFprop},
+      {"fprop_statistics", ConvKernel::kFpropStatistics},
       {"fprop_prologue", ConvKernel::kFpropPrologue},
       {"dgrad", ConvKernel::kDgrad},
+      {"dgrad_prologue", ConvKernel::kDgradPrologue},
       {"wgrad", ConvKernel::kWgrad},
       {"wgrad_prologue", ConvKernel::kWgradPrologue}};
   const auto* found = std::find_if(std::begin(kKernels), std::end(kKernels),
                                    [&](const auto& entry) { return entry.first == kernel; });
   TORCH_CHECK(found != std::end(kKernels), op, ": kernel must be one of fprop, "
-              "fprop_prologue, dgrad, wgrad, wgrad_prologue; got '", kernel, "'");
+              "fprop_statistics, fprop_prologue, dgrad, dgrad_prologue, wgrad, wgrad_prologue; "
+              "got '", kernel, "'");
   TORCH_CHECK(problem.size() == 8, op, ": problem must be [n, h, w, c, k, r, s, stride], got ",
               problem);
   ConvProblem p;
@@ -79,8 +82,12 @@ TORCH_LIBRARY(fused_resnet, m) {
   m.def("cuda_conv(Tensor x, Tensor weight, int stride, Tensor? in_scale, Tensor? in_shift, "
         "Tensor? out_scale, Tensor? out_shift, Tensor? residual, bool out_relu, "
         "bool statistics) -> (Tensor, Tensor, Tensor)");
+  m.def("cuda_conv_bn_train(Tensor x, Tensor weight, int stride, Tensor? in_scale, "
+        "Tensor? in_shift, Tensor? bn_weight, Tensor? bn_bias, float eps, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+        "float? momentum) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_conv_dgrad(Tensor grad, Tensor weight, Tensor x, int stride, Tensor? in_scale, "
-        "Tensor? in_shift) -> (Tensor, Tensor, Tensor)");
+        "Tensor? in_shift, Tensor? other=None) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_conv_wgrad(Tensor grad, Tensor x, Tensor weight, int stride, Tensor? in_scale, "
         "Tensor? in_shift) -> Tensor");
   m.def("cuda_channel_stats(Tensor x) -> (Tensor, Tensor)");

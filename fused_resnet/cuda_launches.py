@@ -43,6 +43,21 @@ def _vector(v: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if v is None else v.to(dtype).contiguous()
 
 
+def _prologue_vectors(record: Record, scale: Optional[Tensor], shift: Optional[Tensor],
+                      dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """conv_ops.cpp ``prologue_vectors``: both as they are when they already are dense
+    ``dtype`` vectors, else both converted by one kernel (batch_norm_finalize.cu
+    ``stacked_vectors_cuda``)."""
+    if scale is None:
+        return None, None
+    if all(v.dtype == dtype and v.is_contiguous() for v in (scale, shift)):
+        return scale, shift
+    both = scale.new_empty((2, scale.numel()), dtype=dtype)
+    shift = shift.to(scale.dtype).contiguous()
+    record("stacked_vectors_kernel", [scale.contiguous(), shift, both])
+    return both[0], both[1]
+
+
 def _partials(x: Tensor, floats_per_state: int) -> Tensor:
     """channel_kernels.cu ``partials_buffer``: one state per (row block, channel)."""
     channels = x.shape[1]
@@ -97,10 +112,11 @@ def _plan(kernel: str, x: Tensor, weight: Tensor, stride: int) -> list[int]:
                                                    SM_COUNT)
 
 
-def cuda_conv(record: Record, x, weight, stride, in_scale, in_shift, out_scale, out_shift,
-              residual, out_relu, statistics):
-    """conv_ops.cpp ``cuda_conv``."""
-    scale, shift = _vector(in_scale, x.dtype), _vector(in_shift, x.dtype)
+def _conv_forward(record: Record, x, weight, stride, in_scale, in_shift, out_scale, out_shift,
+                  residual, out_relu, statistics) -> tuple[Tensor, Optional[Tensor]]:
+    """conv_ops.cpp ``conv_forward``: (y, the epilogue's statistics partials, one Welford
+    state per row tile and channel, or None)."""
+    scale, shift = _prologue_vectors(record, in_scale, in_shift, x.dtype)
     x, weight = _nhwc(x), _nhwc(weight)
     if out_scale is not None:  # folded into the weight
         folded = torch.empty_like(weight, memory_format=torch.channels_last)
@@ -111,33 +127,90 @@ def cuda_conv(record: Record, x, weight, stride, in_scale, in_shift, out_scale, 
     y, _, _ = op_support.conv_fake(x, weight, stride, in_scale, in_shift, out_scale,
                                    out_shift, residual, out_relu, False)
     residual = _nhwc(residual)
-    if y.numel():
-        record("cutlass_fprop", [t for t in (x, weight, scale, shift, bias, residual, y)
-                                 if t is not None])
+    if not y.numel():
+        return y, None
+    kernel = "fprop_prologue" if in_scale is not None else (
+        "fprop_statistics" if statistics else "fprop")
+    partials = None
+    if statistics:
+        grid_m = _plan(kernel, x, weight, stride)[3]
+        partials = x.new_empty(grid_m * y.shape[1] * 3, dtype=torch.float32)
+    record("cutlass_fprop", [t for t in (x, weight, scale, shift, bias, residual, y, partials)
+                             if t is not None])
+    return y, partials
+
+
+def cuda_conv(record: Record, x, weight, stride, in_scale, in_shift, out_scale, out_shift,
+              residual, out_relu, statistics):
+    """conv_ops.cpp ``cuda_conv``: the statistics' partials merged by one kernel."""
+    y, partials = _conv_forward(record, x, weight, stride, in_scale, in_shift, out_scale,
+                                out_shift, residual, out_relu, statistics)
     if not statistics:
         empty = x.new_empty(0, dtype=torch.float32)
         return y, empty, torch.empty_like(empty)
-    return (y, *_channel_statistics(record, y))
+    if partials is None:  # an empty output: NaN statistics
+        return (y, *_channel_statistics(record, y))
+    mean, var = (y.new_empty(y.shape[1], dtype=torch.float32) for _ in range(2))
+    record("welford_finish_kernel", [partials, mean, var])
+    return y, mean, var
 
 
-def cuda_conv_dgrad(record: Record, grad, weight, x, stride, in_scale, in_shift):
-    """conv_ops.cpp ``cuda_conv_dgrad``: CUTLASS dgrad, then the prologue's backward."""
+def cuda_conv_bn_train(record: Record, x, weight, stride, in_scale, in_shift, bn_weight,
+                       bn_bias, eps, running_mean, running_var, num_batches_tracked,
+                       momentum):
+    """conv_ops.cpp ``cuda_conv_bn_train``: the conv with its epilogue's statistics, then
+    batch_norm_finalize.cu's merge and finalize in one kernel."""
+    y, partials = _conv_forward(record, x, weight, stride, in_scale, in_shift, None, None,
+                                None, False, True)
+    mean, var = (y.new_empty(y.shape[1], dtype=torch.float32) for _ in range(2))
+    param_type = _finalize_types(mean, var, bn_weight, bn_bias)[1]
+    params = [_vector(p, param_type) for p in (bn_weight, bn_bias) if p is not None]
+    scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+    record("bn_merge_train_finalize_kernel",
+           [t for t in (partials, *params, running_mean, running_var, num_batches_tracked,
+                        mean, var, scale, shift) if t is not None])
+    return y, mean, var, scale, shift
+
+
+def cuda_conv_dgrad(record: Record, grad, weight, x, stride, in_scale, in_shift, other=None):
+    """conv_ops.cpp ``cuda_conv_dgrad``: CUTLASS dgrad, adding ``other`` in its epilogue
+    when there is no prologue; through a prologue at stride 1 its epilogue applies the
+    prologue's backward and writes per-row-tile sums, which one kernel merges; at stride 2
+    the prologue's backward is a pass after it; ``other`` after a prologue is added last."""
     grad, weight, x = _nhwc(grad), _nhwc(weight), _nhwc(x)
     grad_input = torch.empty_like(x, memory_format=torch.channels_last)
-    if grad_input.numel():
-        record("cutlass_dgrad", [grad, weight, grad_input])
-    if in_scale is None:
+    prologue = in_scale is not None
+    vectors = [_vector(v, torch.float32) for v in (in_scale, in_shift)] if prologue else []
+    if not grad_input.numel() or (prologue and stride != 1):
+        if grad_input.numel():
+            record("cutlass_dgrad", [grad, weight, grad_input])
+        if not prologue:
+            empty = x.new_empty(0, dtype=torch.float32)
+            return grad_input, empty, torch.empty_like(empty)
+        grad_x, *sums = _masked_affine_backward(record, grad_input, x, *vectors, None)
+    elif not prologue:
+        source = None if other is None else _nhwc(other)
+        record("cutlass_dgrad", [t for t in (grad, weight, source, grad_input)
+                                 if t is not None])
         empty = x.new_empty(0, dtype=torch.float32)
         return grad_input, empty, torch.empty_like(empty)
-    return _masked_affine_backward(record, grad_input, x, _vector(in_scale, torch.float32),
-                                   _vector(in_shift, torch.float32), None)
+    else:
+        grid_m = _plan("dgrad_prologue", x, weight, stride)[3]
+        partials = x.new_empty(grid_m * x.shape[1] * 3, dtype=torch.float32)
+        record("cutlass_dgrad", [grad, weight, x, *vectors, grad_input, partials])
+        grad_x = grad_input
+        sums = [x.new_empty(x.shape[1], dtype=torch.float32) for _ in range(2)]  # dot, sum
+        record("sums_finish_kernel", [partials, *sums])
+    if other is not None:
+        grad_x.add_(other)
+    return (grad_x, *sums)
 
 
 def cuda_conv_wgrad(record: Record, grad, x, weight, stride, in_scale, in_shift):
-    """conv_ops.cpp ``cuda_conv_wgrad``: split-K CUTLASS wgrad into fp32 partials (zeroed
-    by CUTLASS's initialize when there are several slices), their reduction into the
-    weight's dtype, and a copy when the weight is not channels_last."""
-    scale, shift = _vector(in_scale, x.dtype), _vector(in_shift, x.dtype)
+    """conv_ops.cpp ``cuda_conv_wgrad``: split-K CUTLASS wgrad into fp32 partials (which
+    its slices overwrite whole: not zeroed first), their reduction into the weight's dtype,
+    and a copy when the weight is not channels_last."""
+    scale, shift = _prologue_vectors(record, in_scale, in_shift, x.dtype)
     grad, x = _nhwc(grad), _nhwc(x)
     if grad.numel() == 0:
         return torch.zeros_like(weight)
@@ -149,8 +222,6 @@ def cuda_conv_wgrad(record: Record, grad, x, weight, stride, in_scale, in_shift)
     split_k = _plan(kernel, x, weight, stride)[5]
     k, c, r, s = weight.shape
     partials = x.new_empty((split_k, k, r, s, c), dtype=torch.float32)
-    if split_k > 1:
-        record("memset", [partials])
     record("cutlass_wgrad", [t for t in (grad, x, scale, shift, partials) if t is not None])
     record("cutlass_splitk_reduction", [partials, krsc])
     if krsc is not grad_weight:
@@ -272,7 +343,8 @@ def bn_update_running_stats(record: Record, mean, var, running_mean, running_var
 
 
 MODELS: dict[str, Callable] = {
-    "cuda_conv": cuda_conv, "cuda_conv_dgrad": cuda_conv_dgrad,
+    "cuda_conv": cuda_conv, "cuda_conv_bn_train": cuda_conv_bn_train,
+    "cuda_conv_dgrad": cuda_conv_dgrad,
     "cuda_conv_wgrad": cuda_conv_wgrad, "cuda_channel_stats": cuda_channel_stats,
     "affine_relu_backward": affine_relu_backward, "add_relu_backward": add_relu_backward,
     "scale_shift_add_relu": scale_shift_add_relu, "bn_scale_shift": bn_scale_shift,

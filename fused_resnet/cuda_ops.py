@@ -4,9 +4,12 @@
 The schemas and the CUDA kernels are registered in C++ (``csrc/``) under the
 ``fused_resnet`` namespace:
 
-  cuda_conv, cuda_conv_dgrad, cuda_conv_wgrad, cuda_channel_stats
-      the CUTLASS convolutions and channel reductions of the ``cuda`` backend, with the
-      schemas of the ``triton_*`` ops (fakes and autograd shared, :mod:`op_support`);
+  cuda_conv, cuda_conv_bn_train, cuda_conv_dgrad, cuda_conv_wgrad, cuda_channel_stats
+      the CUTLASS convolutions (batch statistics gathered in the conv's epilogue;
+      cuda_conv_bn_train also finalizes the training BatchNorm the conv feeds, merging
+      those statistics in the same launch) and channel reductions of the ``cuda`` backend,
+      with the schemas of the ``triton_*`` ops (fakes and autograd shared,
+      :mod:`op_support`);
   scale_shift_add_relu
       BN-apply + (BN'd) shortcut + ReLU in one pass (C++ CPU and CUDA kernels);
   affine_relu_backward, add_relu_backward
@@ -146,21 +149,37 @@ def _bn_scale_shift_backward_op(*args) -> list[Tensor]:
     return _ops().bn_scale_shift_backward(*args)
 
 
-KERNELS = Kernels(conv=cuda_conv, bn_add_relu=_bn_add_relu, channel_stats=cuda_channel_stats,
-                  finalize=reference.Finalize(
-                      _bn_scale_shift, _bn_update_running_stats,
-                      training=op_support.train_finalize(_bn_train_finalize,
-                                                         _bn_scale_shift_backward_op)))
+def _cuda_conv_bn_train(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _ops().cuda_conv_bn_train(*args)
 
 
-# --- fakes, CPU kernels, autograd --------------------------------------------------------
-
-def _cuda_conv_dgrad(grad, weight, x, stride, in_scale, in_shift):
-    return _ops().cuda_conv_dgrad(grad, weight, x, stride, in_scale, in_shift)
+def _cuda_conv_dgrad(grad, weight, x, stride, in_scale, in_shift, other=None):
+    return _ops().cuda_conv_dgrad(grad, weight, x, stride, in_scale, in_shift, other)
 
 
 def _cuda_conv_wgrad(grad, x, weight, stride, in_scale, in_shift):
     return _ops().cuda_conv_wgrad(grad, x, weight, stride, in_scale, in_shift)
+
+
+# The conv's backward: the gradient through its output's batch statistics is added in one
+# pass of statistics_backward before dgrad and wgrad read it.
+_conv_backward = op_support.conv_backward(_cuda_conv_dgrad, _cuda_conv_wgrad,
+                                          statistics_backward=statistics_backward)
+
+KERNELS = Kernels(conv=cuda_conv, bn_add_relu=_bn_add_relu, channel_stats=cuda_channel_stats,
+                  finalize=reference.Finalize(
+                      _bn_scale_shift, _bn_update_running_stats,
+                      training=op_support.train_finalize(_bn_train_finalize,
+                                                         _bn_scale_shift_backward_op)),
+                  conv_sharing_input=op_support.conv_sharing_input(cuda_conv, _conv_backward),
+                  conv_bn_train=op_support.conv_bn_train(
+                      _cuda_conv_bn_train, _bn_scale_shift_backward_op, _conv_backward))
+
+
+# --- fakes, CPU kernels, autograd --------------------------------------------------------
+
+def _conv_dgrad_cpu(grad, weight, x, stride, in_scale, in_shift, other=None):
+    return op_reference.conv_dgrad(grad, weight, x, stride, in_scale, in_shift, other=other)
 
 
 def _scale_shift_add_relu_fake(x, scale, shift, residual, residual_scale, residual_shift, relu):
@@ -215,7 +234,8 @@ def register_python_parts() -> None:
     loaded."""
     ops = {
         "cuda_conv": (op_support.conv_fake, op_reference.fused_conv),
-        "cuda_conv_dgrad": (op_support.conv_dgrad_fake, op_reference.conv_dgrad),
+        "cuda_conv_bn_train": (op_support.conv_bn_train_fake, op_reference.conv_bn_train),
+        "cuda_conv_dgrad": (op_support.conv_dgrad_fake, _conv_dgrad_cpu),
         "cuda_conv_wgrad": (op_support.conv_wgrad_fake, op_reference.conv_wgrad),
         "cuda_channel_stats": (op_support.channel_stats_fake, reference.batch_statistics),
         "affine_relu_backward": (_affine_relu_backward_fake, op_reference.affine_relu_backward),
@@ -240,8 +260,5 @@ def register_python_parts() -> None:
         "fused_resnet::bn_scale_shift",
         op_support.bn_scale_shift_backward(torch.ops.fused_resnet.bn_scale_shift_backward),
         setup_context=op_support.bn_scale_shift_setup_context)
-    op_support.register_conv_autograd(
-        "fused_resnet::cuda_conv",
-        op_support.conv_backward(_cuda_conv_dgrad, _cuda_conv_wgrad,
-                                 statistics_backward=statistics_backward))
+    op_support.register_conv_autograd("fused_resnet::cuda_conv", _conv_backward)
     op_support.register_channel_stats_autograd("fused_resnet::cuda_channel_stats")

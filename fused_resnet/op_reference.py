@@ -91,6 +91,21 @@ def bn_train_finalize(mean: Tensor, var: Tensor, weight: Optional[Tensor],
     return reference.scale_shift_from_statistics(mean, var, weight, bias, eps)
 
 
+def conv_bn_train(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tensor],
+                  in_shift: Optional[Tensor], bn_weight: Optional[Tensor],
+                  bn_bias: Optional[Tensor], eps: float, running_mean: Optional[Tensor],
+                  running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                  momentum: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A conv feeding a training BN: :func:`fused_conv` with statistics, then
+    :func:`bn_train_finalize` of the BN; returns (y, mean, var, scale, shift)."""
+    y, mean, var = fused_conv(x, weight, stride, in_scale, in_shift, None, None, None, False,
+                              True)
+    scale, shift = bn_train_finalize(mean, var, bn_weight, bn_bias, eps, running_mean,
+                                     running_var, num_batches_tracked, momentum,
+                                     y.numel() // y.shape[1])
+    return y, mean, var, scale, shift
+
+
 def add_relu_backward(grad: Tensor, output: Tensor, x: Tensor, scale: Optional[Tensor],
                       residual: Tensor, residual_scale: Optional[Tensor]) -> tuple:
     """Backward of ``y = relu(x * scale + residual * residual_scale + shifts)`` (a block's

@@ -270,6 +270,71 @@ def train_finalize(finalize_op: Callable, backward_op: Callable) -> Callable:
     return TrainFinalize.apply
 
 
+def bn_arguments(bn) -> tuple:
+    """A training BN's (``reference.BatchNormParams``) arguments of a ``conv_bn_train`` op,
+    after the conv's."""
+    return (bn.weight, bn.bias, bn.eps, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked, bn.momentum)
+
+
+BN_ARGUMENTS = 7  # len(bn_arguments(bn))
+
+
+def conv_bn_train_fake(x, weight, stride, in_scale, in_shift, bn_weight, bn_bias,
+                       *finalize_arguments):
+    y, mean, var = conv_fake(x, weight, stride, in_scale, in_shift, None, None, None, False,
+                             True)
+    return y, mean, var, torch.empty_like(mean), torch.empty_like(mean)
+
+
+def conv_bn_train(conv_bn_train_op: Callable, scale_shift_backward_op: Callable,
+                  conv_backward: Callable) -> Callable:
+    """``Kernels.conv_bn_train`` from a backend's ``<backend>_conv_bn_train`` op (the conv
+    with statistics, then the finalize of the training BN it feeds, which merges the conv's
+    partial statistics itself: (x, weight, stride, in_scale, in_shift, *bn_arguments) ->
+    (y, mean, var, scale, shift), mutating the running statistics), its
+    ``bn_scale_shift_backward`` op and its conv's backward (:func:`conv_backward`, with a
+    dgrad that takes ``other``).
+
+    Returns ``(x, weight, stride, in_scale, in_shift, bn, share_input) -> (y, (scale,
+    shift), x for its other consumer)``: with ``share_input`` a view of x whose gradient the
+    conv's dgrad adds to its own (as :func:`conv_sharing_input`), else x itself."""
+
+    class ConvBatchNormTraining(torch.autograd.Function):
+        # An op that mutates its inputs cannot carry an autograd formula itself.
+        @staticmethod
+        def forward(ctx, x, weight, stride, in_scale, in_shift, bn_weight, bn_bias, eps,
+                    running_mean, running_var, num_batches_tracked, momentum, share_input):
+            y, mean, var, scale, shift = conv_bn_train_op(
+                x, weight, stride, in_scale, in_shift, bn_weight, bn_bias, eps, running_mean,
+                running_var, num_batches_tracked, momentum)
+            conv_setup_context(
+                ctx, (x, weight, stride, in_scale, in_shift, None, None, None, False, True),
+                (y, mean, var), var, bn_weight, bn_bias)
+            ctx.eps = eps
+            outputs = (y, scale, shift)
+            return (*outputs, x.view_as(x)) if share_input else outputs
+
+        @staticmethod
+        def backward(ctx, grad_y, grad_scale, grad_shift, grad_shared=None):
+            saved = ctx.saved_tensors
+            mean, var, bn_weight, bn_bias = saved[CONV_SAVED - 1:]
+            grad_mean, grad_var, grad_bn_weight, grad_bn_bias = scale_shift_gradients(
+                scale_shift_backward_op, grad_scale, grad_shift, mean, var, bn_weight,
+                bn_bias, ctx.eps)
+            conv_grads = conv_backward(ctx, grad_y, grad_mean, grad_var, grad_shared,
+                                       needs_input_grad=ctx.needs_input_grad[:5] + (False,) * 5,
+                                       saved=saved)
+            return (*conv_grads[:5], grad_bn_weight, grad_bn_bias) + (None,) * 6
+
+    def conv_feeding_bn(x, weight, stride, in_scale, in_shift, bn, share_input):
+        y, scale, shift, *shared = ConvBatchNormTraining.apply(
+            x, weight, stride, in_scale, in_shift, *bn_arguments(bn), share_input)
+        return y, (scale, shift), (shared[0] if shared else x)
+
+    return conv_feeding_bn
+
+
 def _stats_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output[0])
 

@@ -277,11 +277,6 @@ def triton_bn_scale_shift_backward(grad_scale: Tensor, grad_shift: Tensor, mean:
 triton_bn_scale_shift_backward.register_fake(op_support.bn_scale_shift_backward_fake)
 
 
-def _scale_shift_gradients(grad_scale, grad_shift, mean, var, weight, bias, eps):
-    return op_support.scale_shift_gradients(triton_bn_scale_shift_backward, grad_scale,
-                                            grad_shift, mean, var, weight, bias, eps)
-
-
 triton_bn_scale_shift.register_autograd(
     op_support.bn_scale_shift_backward(triton_bn_scale_shift_backward),
     setup_context=op_support.bn_scale_shift_setup_context)
@@ -358,64 +353,14 @@ def triton_conv_bn_train(x: Tensor, weight: Tensor, stride: int, in_scale: Optio
         num_batches_tracked, momentum, y.numel() // y.shape[1]))
 
 
-@triton_conv_bn_train.register_fake
-def _triton_conv_bn_train_fake(x, weight, stride, in_scale, in_shift, bn_weight, bn_bias,
-                               *finalize_arguments):
-    y, mean, var = op_support.conv_fake(x, weight, stride, in_scale, in_shift, None, None,
-                                        None, False, True)
-    return y, mean, var, torch.empty_like(mean), torch.empty_like(mean)
+triton_conv_bn_train.register_fake(op_support.conv_bn_train_fake)
 
-
-class _ConvBatchNormTraining(torch.autograd.Function):
-    """:func:`triton_conv_bn_train` with autograd (an op that mutates its inputs cannot
-    carry a formula itself): (y, scale, shift), and with ``share_input`` x as a view for
-    another consumer, whose gradient the conv's dgrad adds (``op_support.conv_sharing_input``).
-    Backward: the finalize's backward, then the conv's, which takes the statistics'
-    gradients into its dgrad and wgrad."""
-
-    @staticmethod
-    def forward(ctx, x, weight, stride, in_scale, in_shift, bn_weight, bn_bias, eps,
-                running_mean, running_var, num_batches_tracked, momentum, share_input):
-        y, mean, var, scale, shift = triton_conv_bn_train(
-            x, weight, stride, in_scale, in_shift, bn_weight, bn_bias, eps, running_mean,
-            running_var, num_batches_tracked, momentum)
-        op_support.conv_setup_context(
-            ctx, (x, weight, stride, in_scale, in_shift, None, None, None, False, True),
-            (y, mean, var), var, bn_weight, bn_bias)
-        ctx.eps = eps
-        outputs = (y, scale, shift)
-        return (*outputs, x.view_as(x)) if share_input else outputs
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_scale, grad_shift, grad_shared=None):
-        saved = ctx.saved_tensors
-        mean, var, bn_weight, bn_bias = saved[op_support.CONV_SAVED - 1:]
-        grad_mean, grad_var, grad_bn_weight, grad_bn_bias = _scale_shift_gradients(
-            grad_scale, grad_shift, mean, var, bn_weight, bn_bias, ctx.eps)
-        conv_grads = _conv_backward(ctx, grad_y, grad_mean, grad_var, grad_shared,
-                                    needs_input_grad=ctx.needs_input_grad[:5] + (False,) * 5,
-                                    saved=saved)
-        return (*conv_grads[:5], grad_bn_weight, grad_bn_bias) + (None,) * 6
-
-
-def _bn_arguments(bn: BatchNormParams) -> tuple:
-    """A training BN's arguments of :func:`triton_conv_bn_train`, after the conv's."""
-    return (bn.weight, bn.bias, bn.eps, bn.running_mean, bn.running_var,
-            bn.num_batches_tracked, bn.momentum)
-
-
-def _conv_bn_train(x: Tensor, weight: Tensor, stride: int, in_scale: Optional[Tensor],
-                   in_shift: Optional[Tensor], bn: BatchNormParams, share_input: bool):
-    """``Kernels.conv_bn_train``: (y, (scale, shift), x for its other consumer)."""
-    y, scale, shift, *shared = _ConvBatchNormTraining.apply(
-        x, weight, stride, in_scale, in_shift, *_bn_arguments(bn), share_input)
-    return y, (scale, shift), (shared[0] if shared else x)
+# Kernels.conv_bn_train: its backward takes the statistics' gradients into dgrad and wgrad.
+_conv_bn_train = op_support.conv_bn_train(triton_conv_bn_train, triton_bn_scale_shift_backward,
+                                          _conv_backward)
 
 
 # --- the end of a post-activation training block ------------------------------------------
-
-_BN_ARGUMENTS = 7  # len(_bn_arguments(bn))
-
 
 class _ResidualTail(torch.autograd.Function):
     """``relu(bn(conv(h)) + shortcut(x))`` for training BNs, the shortcut x itself or
@@ -429,13 +374,14 @@ class _ResidualTail(torch.autograd.Function):
     their own.
 
     Inputs: h, weight, stride, in_scale, in_shift (the conv and its prologue), x,
-    projection weight (or None), its stride, then :func:`_bn_arguments` of the conv's BN
+    projection weight (or None), its stride, then ``op_support.bn_arguments`` of the conv's BN
     and of the projection's (if any)."""
 
     @staticmethod
     def forward(ctx, h, weight, stride, in_scale, in_shift, x, proj_weight, proj_stride,
                 *bn_arguments):
-        bn, proj_bn = bn_arguments[:_BN_ARGUMENTS], bn_arguments[_BN_ARGUMENTS:]
+        count = op_support.BN_ARGUMENTS
+        bn, proj_bn = bn_arguments[:count], bn_arguments[count:]
         a, mean, var, scale, shift = triton_conv_bn_train(h, weight, stride, in_scale,
                                                           in_shift, *bn)
         r, r_mean, r_var, r_scale, r_shift = x, None, None, None, None
@@ -470,7 +416,7 @@ class _ResidualTail(torch.autograd.Function):
         if needs[1]:
             grad_weight = triton_conv_wgrad(g, h, weight, stride, in_scale, in_shift,
                                             *statistics)
-        bn_grads = (grad_bn_weight, grad_bn_bias) + (None,) * (_BN_ARGUMENTS - 2)
+        bn_grads = (grad_bn_weight, grad_bn_bias) + (None,) * (op_support.BN_ARGUMENTS - 2)
         if proj_weight is None:
             return (grad_h, grad_weight, None, grad_in_scale, grad_in_shift, g, None, None,
                     *bn_grads)
@@ -486,7 +432,7 @@ class _ResidualTail(torch.autograd.Function):
                                                  *statistics)
         return (grad_h, grad_weight, None, grad_in_scale, grad_in_shift, grad_x,
                 grad_proj_weight, None, *bn_grads, grad_proj_bn_weight, grad_proj_bn_bias,
-                *(None,) * (_BN_ARGUMENTS - 2))
+                *(None,) * (op_support.BN_ARGUMENTS - 2))
 
 
 def _gradients_from_tiles(sums, tiles, scale_kind, mean, var, weight, bias, eps):
@@ -498,10 +444,10 @@ def _residual_tail(h: Tensor, weight: Tensor, stride: int, prologue: tuple[Tenso
                    bn: BatchNormParams, x: Tensor, shortcut: Optional[Projection],
                    shortcut_stride: int) -> Tensor:
     """``Kernels.residual_tail``."""
-    proj = () if shortcut is None else _bn_arguments(shortcut.bn)
+    proj = () if shortcut is None else op_support.bn_arguments(shortcut.bn)
     return _ResidualTail.apply(h, weight, stride, *prologue, x,
                                None if shortcut is None else shortcut.weight, shortcut_stride,
-                               *_bn_arguments(bn), *proj)
+                               *op_support.bn_arguments(bn), *proj)
 
 
 # --- the end of an ImageNet stem: BN + ReLU + max-pool ---------------------------------------
@@ -584,7 +530,7 @@ class _BatchNormReLUMaxPoolTraining(torch.autograd.Function):
 def _bn_relu_maxpool(x: Tensor, bn: BatchNormParams) -> Tensor:
     """``Kernels.bn_relu_maxpool``."""
     if bn.uses_batch_stats:
-        return _BatchNormReLUMaxPoolTraining.apply(x, *_bn_arguments(bn))
+        return _BatchNormReLUMaxPoolTraining.apply(x, *op_support.bn_arguments(bn))
     scale, shift = triton_bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                          bn.eps)
     return triton_bn_relu_maxpool(x, scale, shift, *STEM_POOL, False)[0]

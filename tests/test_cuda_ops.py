@@ -84,6 +84,8 @@ def test_cuda_conv_passes_opcheck_and_gradcheck_on_its_cpu_kernel(fusion):
 
 @pytest.mark.parametrize("op, arguments", [
     ("cuda_conv_dgrad", lambda a, g: (g, a["weight"], a["x"], 2, a["in_scale"], a["in_shift"])),
+    ("cuda_conv_dgrad", lambda a, g: (g, a["weight"], a["x"], 2, None, None,
+                                      torch.randn_like(a["x"]))),
     ("cuda_conv_wgrad", lambda a, g: (g, a["x"], a["weight"], 2, a["in_scale"], a["in_shift"])),
     ("cuda_channel_stats", lambda a, g: (a["x"],)),
     ("affine_relu_backward", lambda a, g: (torch.randn_like(a["x"]), a["x"], a["in_scale"],
@@ -162,6 +164,36 @@ def test_bn_train_finalize_passes_opcheck_and_updates_as_batch_norm(momentum):
     assert batches.item() == bn.num_batches_tracked.item() == 5
     torch.testing.assert_close((scale, shift), reference.scale_shift_from_statistics(
         batch_mean, batch_var, weight, bias, 1e-5))
+
+
+def _conv_bn_train_arguments(fusion, device, dtype, momentum, **shape):
+    """cuda_conv_bn_train's arguments: a conv (``fusion`` "statistics" or
+    "prologue_statistics") and a training BN with running statistics and a batch count."""
+    conv = _conv_arguments(fusion, dtype, device, **shape)
+    _, _, weight, bias = _finalize_arguments(device, dtype, conv["weight"].shape[0])
+    running = [torch.randn_like(weight), torch.rand_like(weight) + 1,
+               torch.tensor(4, device=device)]
+    return (conv["x"], conv["weight"], conv["stride"], conv["in_scale"], conv["in_shift"],
+            weight, bias, 1e-5, *running, momentum)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("fusion", ["statistics", "prologue_statistics"])
+def test_cuda_conv_bn_train_passes_opcheck_and_is_conv_then_finalize(fusion, momentum):
+    arguments = _conv_bn_train_arguments(fusion, "cpu", torch.float64, momentum)
+    torch.library.opcheck(torch.ops.fused_resnet.cuda_conv_bn_train.default,
+                          tuple(a.clone() if isinstance(a, torch.Tensor) else a
+                                for a in arguments))
+    x, weight, stride, in_scale, in_shift, bn_weight, bn_bias, eps, *state, _ = arguments
+    expected_state = [t.clone() for t in state]
+    y, mean, var = cuda_ops.cuda_conv(x, weight, stride, in_scale, in_shift, None, None, None,
+                                      False, True)
+    expected = (y, mean, var, *op_reference.bn_train_finalize(
+        mean, var, bn_weight, bn_bias, eps, *expected_state, momentum, y.numel() // y.shape[1]))
+    got = torch.ops.fused_resnet.cuda_conv_bn_train(*arguments)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(state, expected_state)
+    assert state[2].item() == 5
 
 
 def test_bn_update_running_stats_passes_opcheck_and_blends_as_batch_norm():
@@ -262,19 +294,25 @@ def test_wgrad_is_split_to_fill_the_gpu_while_slices_keep_two_iterations(kernel,
     assert _launch_plan(kernel, [32, 7, 7, 512, 512, 3, 3, 1], 132)["split_k"] == 1
 
 
-@pytest.mark.parametrize("kernel", ["fprop", "fprop_prologue", "dgrad"])
+@pytest.mark.parametrize("kernel", ["fprop", "fprop_statistics", "fprop_prologue", "dgrad",
+                                    "dgrad_prologue"])
 def test_small_tiles_only_where_large_ones_leave_multiprocessors_idle(kernel):
     # Stage 4 at batch 32: 13 x 4 large tiles < 132 SMs; at batch 256, 98 x 4.
     assert _launch_plan(kernel, [32, 7, 7, 512, 512, 3, 3, 1], 132)["tile"] == (64, 64, 32)
     assert _launch_plan(kernel, [256, 7, 7, 512, 512, 3, 3, 1], 132)["tile"] == (128, 128, 32)
 
 
-@pytest.mark.parametrize("kernel", ["fprop", "fprop_prologue", "dgrad", "wgrad",
-                                    "wgrad_prologue"])
+@pytest.mark.parametrize("kernel", ["fprop", "fprop_statistics", "fprop_prologue", "dgrad",
+                                    "dgrad_prologue", "wgrad", "wgrad_prologue"])
 def test_launch_dry_run_passes_real_launches_and_rejects_what_cutlass_cannot_run(kernel):
-    # The launchers' host code without a GPU: one-slice and split-K wgrad, both tiles, stride 2.
+    # The launchers' host code without a GPU: one-slice and split-K wgrad, both tiles, stride
+    # 2 (but for dgrad_prologue, the unit-stride dgrad, which refuses it).
     for problem in ([1, 9, 7, 16, 32, 3, 3, 1], [256, 56, 56, 64, 64, 3, 3, 1],
                     [32, 14, 14, 256, 512, 3, 3, 2]):
+        if kernel == "dgrad_prologue" and problem[-1] == 2:
+            with pytest.raises(RuntimeError, match="dgrad_prologue is the unit-stride dgrad"):
+                torch.ops.fused_resnet.conv_launch_check(kernel, problem, 132)
+            continue
         torch.ops.fused_resnet.conv_launch_check(kernel, problem, 132)
     # 12 channels: CUTLASS's 8-element vectors do not fit, and its can_implement says so.
     with pytest.raises(RuntimeError, match="CUTLASS cannot run this problem"):
@@ -327,11 +365,14 @@ def test_gpu_conv_shapes_take_every_tile():
                    shape["stride"]]
         if shape["batch"] == 0:  # no launch
             continue
-        for kernel in ("fprop", "fprop_prologue", "dgrad", "wgrad", "wgrad_prologue"):
+        for kernel in ("fprop", "fprop_statistics", "fprop_prologue", "dgrad", "dgrad_prologue",
+                       "wgrad", "wgrad_prologue"):
+            if kernel == "dgrad_prologue" and shape["stride"] != 1:
+                continue
             plan = _launch_plan(kernel, problem, 132)
             taken.add((kernel, shape["stride"] if kernel == "dgrad" else 1, plan["tile"][0],
                        plan["split_k"] > 1))
-    for kernel in ("fprop", "fprop_prologue", "dgrad"):
+    for kernel in ("fprop", "fprop_statistics", "fprop_prologue", "dgrad", "dgrad_prologue"):
         for stride in ((1, 2) if kernel == "dgrad" else (1,)):
             assert {(kernel, stride, 128, False), (kernel, stride, 64, False)} <= taken
     for kernel in ("wgrad", "wgrad_prologue"):
@@ -422,6 +463,73 @@ def test_cuda_conv_reads_vectors_that_start_off_alignment(fusion, poisoned_cuda_
     expected = _op_results(aligned, cuda_ops.cuda_conv)
     for name, value in expected.items():
         torch.testing.assert_close(sliced[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("fusion", ["statistics", "prologue_statistics"])
+@pytest.mark.parametrize("shape", [GPU_CONV_SHAPES["b3-7x5-s2"],
+                                   GPU_CONV_SHAPES["b8-56x56-s1-64to128-large"]],
+                         ids=["small-tiles", "large-tiles"])
+def test_cuda_conv_bn_train_is_conv_then_finalize(fusion, momentum, shape,
+                                                  poisoned_cuda_memory):
+    # The same epilogue partials merged in the same order by the finalize's merge and by
+    # cuda_conv's: bitwise equal, and so within eager's error wherever cuda_conv is
+    # (test_cuda_conv_forward_and_backward_within_eager_error).
+    arguments = _conv_bn_train_arguments(fusion, "cuda", torch.bfloat16, momentum, **shape)
+    x, weight, stride, in_scale, in_shift, bn_weight, bn_bias, eps, *state, _ = arguments
+    bn_weight, bn_bias = bn_weight.float(), bn_bias.float()
+    state[:2] = [t.float() for t in state[:2]]
+    expected_state = [t.clone() for t in state]
+    y, mean, var = cuda_ops.cuda_conv(x, weight, stride, in_scale, in_shift, None, None, None,
+                                      False, True)
+    expected = (y, mean, var, *torch.ops.fused_resnet.bn_train_finalize(
+        mean, var, bn_weight, bn_bias, eps, *expected_state, momentum, y.numel() // y.shape[1]))
+    got = torch.ops.fused_resnet.cuda_conv_bn_train(x, weight, stride, in_scale, in_shift,
+                                                    bn_weight, bn_bias, eps, *state, momentum)
+    for name, a, b in zip(("y", "mean", "var", "scale", "shift"), got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(state, expected_state, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [GPU_CONV_SHAPES["b1-9x7-s1"],
+                                   GPU_CONV_SHAPES["b8-56x56-s1-64to128-large"]],
+                         ids=["small-tiles", "large-tiles"])
+def test_cuda_dgrad_epilogue_applies_the_prologue_backward_as_its_pass(shape,
+                                                                        poisoned_cuda_memory):
+    # At stride 1 the dgrad's epilogue does what affine_relu_backward's pass does after the
+    # plain dgrad: the same products of the same rounded gradient, so grad_x is bitwise
+    # equal; the sums are merged in another order (rounding only).
+    arguments = _conv_arguments("prologue", torch.bfloat16, "cuda", **shape)
+    x, weight, scale, shift = (arguments[k] for k in ("x", "weight", "in_scale", "in_shift"))
+    y = cuda_ops.cuda_conv(**arguments)[0]
+    grad = torch.randn_like(y)
+    fused = torch.ops.fused_resnet.cuda_conv_dgrad(grad, weight, x, 1, scale, shift)
+    plain = torch.ops.fused_resnet.cuda_conv_dgrad(grad, weight, x, 1, None, None)[0]
+    separate = cuda_ops.affine_relu_backward(plain, x, scale.float(), shift.float())
+    torch.testing.assert_close(fused[0], separate[0], rtol=0, atol=0)
+    torch.testing.assert_close(fused[1:], separate[1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [GPU_CONV_SHAPES["b3-7x5-s2"],
+                                   GPU_CONV_SHAPES["b8-56x56-s1-64to128-large"]],
+                         ids=["small-tiles", "large-tiles"])
+def test_cuda_conv_statistics_stay_exact_when_the_mean_dwarfs_the_spread(dtype, shape):
+    # A conv output of mean 1000 and unit spread per channel (a shift folded into one
+    # input channel that is 1 everywhere): the epilogue's Welford states and their merge
+    # must keep the variance (a sum of squares would lose it entirely in fp32).
+    arguments = _conv_arguments("statistics", torch.float64, "cuda", **shape)
+    arguments["x"][:, 0] = 1.0
+    arguments["weight"][:, 0] = 0.0
+    arguments["weight"][:, 0, 1, 1] = 1000.0
+    cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in arguments.items()}
+    y, mean, var = cuda_ops.cuda_conv(**cast)
+    expected_mean, expected_var = reference.batch_statistics(y.double())
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=0)
 
 
 @pytest.mark.gpu

@@ -134,7 +134,8 @@ def test_cuda_gate_has_no_unexpected_failure(cuda_gate_verdict):
 def test_cuda_gate_sees_every_kernel_of_the_plan(cuda_gate_verdict):
     """Every kind of CUTLASS kernel is launched by the plans and found in the cubins of both
     architectures, so a renamed op or kernel cannot empty the gate's tables."""
-    kinds = {"fprop", "fprop_prologue", "dgrad", "wgrad", "wgrad_prologue"}
+    kinds = {"fprop", "fprop_statistics", "fprop_prologue", "dgrad", "dgrad_prologue", "wgrad",
+             "wgrad_prologue"}
     assert {row["kernel"] for row in cuda_gate_verdict["launches"]} == kinds
     compiled = {(row["kernel"], row["arch"]) for row in cuda_gate_verdict["kernels"]}
     for arch in ("sm_80", "sm_90"):

@@ -15,6 +15,7 @@ from blockcases import BLOCK_CASES, block_input, build_plain, case_id
 from torch import nn
 
 import fused_resnet
+from fused_resnet import extension
 from fused_resnet.bench import cli, traffic
 from fused_resnet.kernels import tuning
 
@@ -110,15 +111,19 @@ def resnet50_counts(tmp_path_factory):
 
 def _ratio(counts, backend, mode, key):
     fused = counts[backend, mode]
-    if "error" in fused:  # the cuda plan needs the built extension
-        pytest.skip(f"the {backend} plan cannot be counted here: {fused['error']}")
+    if "error" in fused:
+        # Only the cuda plan's missing extension is a reason to skip, not a count that
+        # fails (a launch model asking the extension for what it does not know).
+        if backend == "cuda" and extension.load_error() is not None:
+            pytest.skip(f"the cuda plan needs fused_resnet._C: {extension.load_error()}")
+        pytest.fail(f"the {backend} plan could not be counted: {fused['error']}")
     return fused[key] / counts["eager", mode][key]
 
 
 # Ceilings: the plans' ratios to eager as counted at this commit, rounded up. A change
 # that adds traffic fails here; lower a ceiling when the plan improves.
-CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 1.935},
-            ("train", "bytes"): {"triton": 0.795, "cuda": 1.06},
+CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 1.3},
+            ("train", "bytes"): {"triton": 0.795, "cuda": 0.916},
             ("train", "saved_bytes"): {"triton": 0.78, "cuda": 0.85},
             ("eval", "launches"): {"triton": 0.63, "cuda": 0.935},
             ("eval", "bytes"): {"triton": 0.395, "cuda": 0.449}}
@@ -127,13 +132,16 @@ CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 1.935},
 TARGETS = {("train", "launches"): 1.0, ("train", "bytes"): 0.8,
            ("train", "saved_bytes"): 0.85, ("eval", "launches"): 1.0, ("eval", "bytes"): 0.5}
 NOT_MET = {
-    ("cuda", "train", "launches"): "about 15 launches per conv + BN: statistics (2), "
-    "finalize, finalize backward, the statistics gradient, the prologue's backward after "
-    "dgrad (2), prologue vectors converted per conv (4), wgrad's split-K memset and "
-    "reduction; the triton plan fuses these into its conv kernels",
-    ("cuda", "train", "bytes"): "the statistics are a second read of each conv output, and "
-    "the statistics gradient and the prologue's backward are passes of their own (the "
-    "triton plan does them in its conv kernels' epilogues and loads)",
+    ("cuda", "train", "launches"): "about 10 launches per conv + BN: the conv and its "
+    "statistics' merge with the finalize, the prologue vectors converted for fprop and "
+    "wgrad, the finalize's backward, the statistics gradient, dgrad and its sums' merge, "
+    "wgrad and its split-K reduction; the triton plan takes the statistics gradient and "
+    "the BN scale into its dgrad and wgrad loads, and merges the backward sums in the "
+    "finalize's backward",
+    ("cuda", "train", "bytes"): "the statistics gradient is a pass of its own (the triton "
+    "plan adds it while its dgrad and wgrad load the gradient), and a block's BN-add-ReLU "
+    "backward writes the gradients of both inputs scaled by their BNs (the triton plan "
+    "writes the masked gradient once and scales it in the loads)",
 }
 
 

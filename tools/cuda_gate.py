@@ -6,7 +6,8 @@ compiler made of it. No GPU needed.
 
 Launches. The ``cuda`` plan of ResNet-18 and ResNet-50 (train step and eval forward,
 batch 32 and 256, 224x224, bf16, channels_last) runs on the meta device, and every call of
-``cuda_conv``, ``cuda_conv_dgrad`` and ``cuda_conv_wgrad`` is recorded with its shapes.
+``cuda_conv``, ``cuda_conv_bn_train``, ``cuda_conv_dgrad`` and ``cuda_conv_wgrad`` is
+recorded with its shapes and the kernel it picks.
 Each distinct launch is planned by ``fused_resnet::conv_launch_plan``, the C++ function
 the ops themselves launch by (tile shape and swizzle read from the instantiated CUTLASS
 types, wgrad's split-K chosen for the GPU's multiprocessor count), for an H100/H200 (132
@@ -50,11 +51,19 @@ IMAGE_SIZE = 224
 # Multiprocessors: H100 SXM and H200 132, A100 108 (NVIDIA's architecture whitepapers).
 SM_COUNTS = {"H100": 132, "A100": 108}
 
-# The CUTLASS kernel a recorded op call launches, by op and whether it has a prologue.
-_KERNEL_OF_OP = {("cuda_conv", False): "fprop", ("cuda_conv", True): "fprop_prologue",
-                 ("cuda_conv_dgrad", False): "dgrad", ("cuda_conv_dgrad", True): "dgrad",
-                 ("cuda_conv_wgrad", False): "wgrad", ("cuda_conv_wgrad", True): "wgrad_prologue"}
-_CUTLASS_OPS = {op for op, _ in _KERNEL_OF_OP}
+# The CUTLASS kernel a recorded op call launches (conv_ops.cpp picks it the same way), from
+# the op and its bound arguments.
+def _kernel_of_op(op: str, arguments: dict) -> str:
+    prologue = arguments["in_scale"] is not None
+    if op == "cuda_conv_dgrad":
+        return "dgrad_prologue" if prologue and arguments["stride"] == 1 else "dgrad"
+    if op == "cuda_conv_wgrad":
+        return "wgrad_prologue" if prologue else "wgrad"
+    statistics = op == "cuda_conv_bn_train" or arguments["statistics"]
+    return "fprop_prologue" if prologue else "fprop_statistics" if statistics else "fprop"
+
+
+_CUTLASS_OPS = {"cuda_conv", "cuda_conv_bn_train", "cuda_conv_dgrad", "cuda_conv_wgrad"}
 
 
 class Launch(NamedTuple):
@@ -84,12 +93,12 @@ def record_launches() -> list[Launch]:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func._schema.name.split("::")[-1]
             if func.namespace == "fused_resnet" and name in _CUTLASS_OPS:
-                # The three ops name their arguments alike: x, weight, stride, in_scale.
+                # The ops name their arguments alike: x, weight, stride, in_scale.
                 bound = {**{a.name: v for a, v in zip(func._schema.arguments, args)},
                          **(kwargs or {})}
                 n, c, h, w = bound["x"].shape
                 k, _, r, s = bound["weight"].shape
-                kernel = _KERNEL_OF_OP[name, bound["in_scale"] is not None]
+                kernel = _kernel_of_op(name, bound)
                 launches[Launch(kernel, (n, h, w, c, k, r, s, bound["stride"]))] = None
             return func(*args, **(kwargs or {}))
 
@@ -206,7 +215,9 @@ def resource_usage(dump: str) -> dict[tuple[str, str], dict[str, int]]:
 _KERNEL_KINDS = [("ImplicitGemmFpropFusionMultistage", "fprop_prologue"),
                  ("ImplicitGemmWgradFusionMultistage", "wgrad_prologue"),
                  ("ImplicitGemmConvolutionStridedDgrad", "dgrad (strided)"),
+                 ("PrologueBackward", "dgrad_prologue"),
                  ("Conv2dDgradOutputGradient", "dgrad"),
+                 ("OutputStatistics", "fprop_statistics"),
                  ("Conv2dFpropActivation", "fprop"),
                  ("Conv2dWgradOutputGradient", "wgrad"),
                  ("ReduceSplitK", "wgrad split-K reduction")]

@@ -21,6 +21,7 @@ TRITON_OPS = ("tests/test_triton_ops.py", "tests/test_gpu_size_paths.py")
 TRITON_BLOCKS = ("tests/test_triton_blocks.py",)
 STEM = ("tests/test_stem.py",)
 EXTENSION_CPU = ("tests/test_extension.py", "-k", "cpu or nan or opcheck or residual_affine")
+CUDA_HOST = ("tests/test_cuda_host.py",)
 
 MUTANTS = [
     # kernels/: tiles, masks, reductions (the GPU-size paths included).
@@ -155,4 +156,15 @@ MUTANTS = [
     Mutant("cpu-kernel-residual-shift-dropped", "csrc/scale_shift_add_relu.h",
            "residual * affine.scale[c] + affine.shift[c]", "residual * affine.scale[c]",
            EXTENSION_CPU),
+    # csrc/'s epilogue reductions, whose bookkeeping tests/cuda_host/ checks on the CPU
+    # against the kernels' thread maps.
+    Mutant("epilogue-gathers-the-row-past-the-output", "csrc/epilogue_reductions.cuh",
+           "if (output_row >= extent_row || output_column >= extent_column) continue;",
+           "if (output_row > extent_row || output_column >= extent_column) continue;",
+           CUDA_HOST),
+    Mutant("epilogue-merge-skips-thread-0", "csrc/epilogue_reductions.cuh",
+           "for (int thread = 0; thread < ThreadMap::kThreads; ++thread) {",
+           "for (int thread = 1; thread < ThreadMap::kThreads; ++thread) {", CUDA_HOST),
+    Mutant("prologue-backward-stores-the-unscaled-gradient", "csrc/epilogue_reductions.cuh",
+           "access[e] = Element(g * scale[slot + e]);", "access[e] = Element(g);", CUDA_HOST),
 ]
