@@ -17,8 +17,12 @@
 #include <utility>
 #include <vector>
 
-#include "conv_kernels.h"
 #include "scale_shift_add_relu.h"
+
+// FUSED_RESNET_CPU_ONLY: the schemas and the CPU kernel alone, without the CUDA code's host
+// ops (the mutation check's CPU-only rebuild, tools/mutate.py).
+#ifndef FUSED_RESNET_CPU_ONLY
+#include "conv_kernels.h"
 
 namespace fused_resnet {
 namespace {
@@ -71,6 +75,7 @@ void conv_launch_check_op(const std::string& kernel, at::IntArrayRef problem,
 
 }  // namespace
 }  // namespace fused_resnet
+#endif
 
 TORCH_LIBRARY(fused_resnet, m) {
   m.def("scale_shift_add_relu(Tensor x, Tensor scale, Tensor shift, Tensor? residual, "
@@ -102,11 +107,13 @@ TORCH_LIBRARY(fused_resnet, m) {
         "Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor[]");
   m.def("statistics_backward(Tensor grad, Tensor y, Tensor mean, Tensor grad_mean, "
         "Tensor grad_var, Tensor? grad_scale) -> Tensor");
+#ifndef FUSED_RESNET_CPU_ONLY
   // Host arithmetic, no tensors: runs anywhere, a machine without a GPU included.
   m.def("conv_launch_plan(str kernel, int[] problem, int sm_count) -> int[]",
         &fused_resnet::conv_launch_plan_op);
   m.def("conv_launch_check(str kernel, int[] problem, int sm_count) -> ()",
         &fused_resnet::conv_launch_check_op);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {

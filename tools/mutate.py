@@ -10,8 +10,10 @@ the score; exits 1 when a mutant survives or a run breaks.
     .venv/bin/python tools/mutate.py --only wgrad-splits-all-write-slot-0
     .venv/bin/python tools/mutate.py --rev 3dd48cf      # an older commit's code and tests
 
-Mutants of csrc/ rebuild only the extension's CPU part (registration.cpp and
-scale_shift_add_relu.cpp, what the CPU tests load) in the scratch copy.
+Mutants of the extension's CPU part (registration.cpp and scale_shift_add_relu.*, what the
+CPU tests of the extension load) rebuild that part alone in the scratch copy, without the
+CUDA code's ops (FUSED_RESNET_CPU_ONLY); other csrc/ files are compiled by the tests that
+check them (tests/cuda_host/).
 """
 
 import argparse
@@ -27,6 +29,7 @@ from mutants import MUTANTS, Mutant
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_EXTENSION_SOURCES = ["csrc/registration.cpp", "csrc/scale_shift_add_relu.cpp"]
+CPU_EXTENSION_FILES = CPU_EXTENSION_SOURCES + ["csrc/scale_shift_add_relu.h"]
 
 
 def _working_tree_files() -> list[str]:
@@ -87,7 +90,7 @@ def rebuild_cpu_extension(repo: Path, build: Path) -> None:
     code = ("from torch.utils.cpp_extension import load; "
             f"load(name='_C', sources={[str(repo / s) for s in CPU_EXTENSION_SOURCES]}, "
             f"extra_include_paths=['{repo / 'csrc'}'], build_directory='{build}', "
-            "is_python_module=False)")
+            "extra_cflags=['-DFUSED_RESNET_CPU_ONLY'], is_python_module=False)")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     for old in (repo / "fused_resnet").glob("_C*.so"):
         shutil.copy2(build / "_C.so", old)
@@ -138,7 +141,7 @@ def main() -> int:
                 print(f"{'n/a':>9}  {mutant.name}: {error}", flush=True)
                 continue
             try:
-                if mutant.path.startswith("csrc/"):
+                if mutant.path in CPU_EXTENSION_FILES:
                     rebuild_cpu_extension(repo, Path(scratch) / "extension")
                 status, output = run_tests(repo, mutant.tests)
             finally:
