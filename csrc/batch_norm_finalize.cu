@@ -314,13 +314,14 @@ at::Tensor stacked_vectors_cuda(const at::Tensor& a, const at::Tensor& b,
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": converts to float16 or bfloat16, got ", dtype);
   const c10::cuda::CUDAGuard device_guard(a.device());
-  const at::Tensor a_d = a.contiguous();
-  const at::Tensor b_d = b.to(a.scalar_type()).contiguous();  // one dtype for the kernel
+  // One input dtype for the kernel: theirs when they share it, else fp32 (no double rounding).
+  const auto common = a.scalar_type() == b.scalar_type() ? a.scalar_type() : at::kFloat;
+  const at::Tensor a_d = a.to(common).contiguous(), b_d = b.to(common).contiguous();
   at::Tensor out = at::empty({2, a.numel()}, a.options().dtype(dtype));
   if (a.numel() == 0) return out;
   const int blocks = static_cast<int>(std::min<int64_t>((2 * a.numel() + kThreads - 1) / kThreads,
                                                         1024));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, common, op, [&] {
     using in_t = scalar_t;
     AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, op, [&] {
       stacked_vectors_kernel<in_t, scalar_t><<<blocks, kThreads, 0,

@@ -108,20 +108,28 @@ at::Tensor output_nhwc(const at::Tensor& x, int n, int c, int h, int w) {
   return at::empty({n, c, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
-// A prologue's (scale, shift) as the mainloop fusion reads them: dense, aligned vectors in
-// x's dtype; converted together, in one launch, when they are not.
-std::pair<at::Tensor, at::Tensor> prologue_vectors(const char* op, const at::Tensor& x,
-                                                   const c10::optional<at::Tensor>& scale,
-                                                   const c10::optional<at::Tensor>& shift) {
+// Checks a prologue's in_scale and in_shift: both or neither, vectors of x's channels on its
+// device. Returns whether there is a prologue.
+bool check_prologue(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
+                    const c10::optional<at::Tensor>& shift) {
   TORCH_CHECK(scale.has_value() == shift.has_value(), op,
               ": in_scale and in_shift go together");
-  if (!scale.has_value()) return {};
+  if (!scale.has_value()) return false;
   for (const auto& [name, v] : {std::pair<const char*, const at::Tensor&>{"in_scale", *scale},
                                 {"in_shift", *shift}}) {
     TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1) && v.device() == x.device(), op, ": ",
                 name, " must be a vector of x.size(1) = ", x.size(1), " elements on ",
                 x.device(), ", got shape ", v.sizes(), " on ", v.device());
   }
+  return true;
+}
+
+// A prologue's (scale, shift) as the mainloop fusion reads them: dense, aligned vectors in
+// x's dtype; converted together, in one launch, when they are not.
+std::pair<at::Tensor, at::Tensor> prologue_vectors(const char* op, const at::Tensor& x,
+                                                   const c10::optional<at::Tensor>& scale,
+                                                   const c10::optional<at::Tensor>& shift) {
+  if (!check_prologue(op, x, scale, shift)) return {};
   const auto read_as_is = [&](const at::Tensor& v) {
     return v.scalar_type() == x.scalar_type() && v.is_contiguous() &&
            reinterpret_cast<uintptr_t>(v.const_data_ptr()) % kAlignmentBytes == 0;
@@ -274,8 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv_dgrad(
   constexpr const char* op = "cuda_conv_dgrad";
   const ConvProblem p = conv_problem(op, x_in, weight_in, stride);
   check_output_gradient(op, grad_in, p, x_in);
-  TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), op,
-              ": in_scale and in_shift go together");
+  const bool prologue = check_prologue(op, x_in, in_scale, in_shift);
   if (other_in.has_value()) {
     TORCH_CHECK(other_in->sizes() == x_in.sizes() &&
                     other_in->scalar_type() == x_in.scalar_type() &&
@@ -290,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv_dgrad(
   const at::Tensor x = nhwc(x_in);
   at::Tensor grad_input = output_nhwc(x, p.n, p.c, p.h, p.w);
   if (grad_input.numel() == 0) {
-    if (!in_scale.has_value()) return {grad_input, empty_statistics(x), empty_statistics(x)};
+    if (!prologue) return {grad_input, empty_statistics(x), empty_statistics(x)};
     return affine_relu_backward_cuda(grad_input, x, float_vector(*in_scale),
                                      float_vector(*in_shift), c10::nullopt);  // zero sums
   }
@@ -298,7 +305,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_conv_dgrad(
   // in the dgrad's epilogue, which writes per-row-tile sums of the scale and shift gradients;
   // at stride 2 in a pass after it. `other` is added in the epilogue without a prologue, and
   // to the prologue's backward, x's gradient, after it (a use the blocks never make).
-  const bool prologue = in_scale.has_value();
   const bool prologue_in_epilogue = prologue && p.stride == 1;
   const at::Tensor other = other_in.has_value() && !prologue ? nhwc(*other_in) : at::Tensor();
   const at::Tensor scale = prologue ? float_vector(*in_scale) : at::Tensor();

@@ -53,8 +53,9 @@ def _prologue_vectors(record: Record, scale: Optional[Tensor], shift: Optional[T
     if all(v.dtype == dtype and v.is_contiguous() for v in (scale, shift)):
         return scale, shift
     both = scale.new_empty((2, scale.numel()), dtype=dtype)
-    shift = shift.to(scale.dtype).contiguous()
-    record("stacked_vectors_kernel", [scale.contiguous(), shift, both])
+    common = scale.dtype if scale.dtype == shift.dtype else torch.float32
+    record("stacked_vectors_kernel", [scale.to(common).contiguous(),
+                                      shift.to(common).contiguous(), both])
     return both[0], both[1]
 
 

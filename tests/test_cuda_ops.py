@@ -449,6 +449,21 @@ def test_cuda_prologue_when_the_mean_dwarfs_the_spread(dtype, mean_over_std,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("op", ["cuda_conv_dgrad", "cuda_conv_wgrad"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cuda_conv_backward_names_a_prologue_vector_of_the_wrong_size(op, stride):
+    # The stride-1 dgrad reads the vectors in its epilogue, per channel of x: a short one
+    # would be read past its end.
+    arguments = _conv_arguments("prologue", torch.float16, "cuda", c_in=16, stride=stride)
+    x, weight = arguments["x"], arguments["weight"]
+    grad = torch.randn_like(cuda_ops.cuda_conv(**arguments)[0])
+    tensors = (grad, weight, x) if op == "cuda_conv_dgrad" else (grad, x, weight)
+    with pytest.raises(RuntimeError, match=r"in_scale must be a vector of x.size\(1\) = 16"):
+        getattr(torch.ops.fused_resnet, op)(*tensors, stride, arguments["in_scale"][:8],
+                                            arguments["in_shift"])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fusion", ["prologue", "prologue_statistics"])
 def test_cuda_conv_reads_vectors_that_start_off_alignment(fusion, poisoned_cuda_memory):
     # Per-channel vectors sliced from a larger tensor start 2 bytes past a 16-byte boundary;
