@@ -176,14 +176,62 @@ __global__ void sums_finish_kernel(const Sums* __restrict__ partials, int64_t ro
   if (dot_residual != nullptr) dot_residual[c] = merged.dot_residual;
 }
 
+// The per-channel terms of a conv output's gradient through its batch statistics: given
+// (grad_mean, grad_var), or derived from the gradients of the scale and shift of the training
+// BN the output feeds (bn_scale_shift_backward's formula: with rstd = (var + eps)^(-1/2) and w
+// the BN weight, grad_mean = -grad_shift w rstd, grad_var = -(grad_scale - grad_shift mean)
+// w rstd^3 / 2), when the BN weight's and bias's gradients are written too.
+// The BN's parameters and their gradients are in their own dtype, param_t (a .half()
+// module's), so that no conversion launches around the kernel.
+template <typename param_t>
+struct StatisticsTerms {
+  const float* mean;
+  const float* grad_mean = nullptr;  // given, or null: derived from the BN's gradients
+  const float* grad_var = nullptr;
+  const float* grad_bn_scale = nullptr;
+  const float* grad_bn_shift = nullptr;
+  const float* var = nullptr;
+  const param_t* weight = nullptr;  // null: 1
+  float eps = 0.f;
+  param_t* grad_weight = nullptr;  // null: not wanted
+  param_t* grad_bias = nullptr;
+
+  // (grad_mean, grad_var) of channel c; `parameters`: write the BN's parameter gradients.
+  __device__ float2 of(int c, bool parameters) const {
+    if (grad_mean != nullptr) return {grad_mean[c], grad_var[c]};
+    const float rstd = rsqrtf(var[c] + eps);
+    const float w = weight != nullptr ? static_cast<float>(weight[c]) : 1.f;
+    // d(loss)/d(scale) with the part that reaches scale through shift = bias - mean * scale.
+    const float through_scale = grad_bn_scale[c] - grad_bn_shift[c] * mean[c];
+    if (parameters && grad_weight != nullptr) {
+      grad_weight[c] = static_cast<param_t>(through_scale * rstd);
+    }
+    if (parameters && grad_bias != nullptr) grad_bias[c] = static_cast<param_t>(grad_bn_shift[c]);
+    return {-grad_bn_shift[c] * w * rstd, through_scale * w * -0.5f * rstd * rstd * rstd};
+  }
+};
+
 // out = grad [* grad_scale[c]] + (grad_mean[c] + 2 grad_var[c] (y - mean[c])) / count: the
 // gradient of y when its batch statistics also reach the loss, one pass over 16-byte vectors.
-template <typename T>
-__global__ void statistics_backward_kernel(
-    const T* __restrict__ grad, const T* __restrict__ y, const float* __restrict__ mean,
-    const float* __restrict__ grad_mean, const float* __restrict__ grad_var,
-    const float* __restrict__ grad_scale, float count, int64_t num_vectors, int channels,
-    T* __restrict__ out) {
+// Each block first puts every channel's (mean, grad_mean, grad_var) in shared memory (3 *
+// channels floats of dynamic shared memory); block 0 writes the BN's parameter gradients.
+template <typename T, typename param_t>
+__global__ void statistics_backward_kernel(const T* __restrict__ grad, const T* __restrict__ y,
+                                           StatisticsTerms<param_t> terms,
+                                           const float* __restrict__ grad_scale, float count,
+                                           int64_t num_vectors, int channels,
+                                           T* __restrict__ out) {
+  extern __shared__ float shared_terms[];
+  float* const mean = shared_terms;
+  float* const grad_mean = shared_terms + channels;
+  float* const grad_var = shared_terms + 2 * channels;
+  for (int c = threadIdx.x; c < channels; c += blockDim.x) {
+    const float2 of_c = terms.of(c, blockIdx.x == 0);
+    mean[c] = terms.mean[c];
+    grad_mean[c] = of_c.x;
+    grad_var[c] = of_c.y;
+  }
+  __syncthreads();
   constexpr int kWidth = Vector<T>::kWidth;
   for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < num_vectors;
        v += int64_t(gridDim.x) * blockDim.x) {
@@ -432,6 +480,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_relu_
                                 residual, residual_scale);
 }
 
+namespace {
+
+// statistics_backward_kernel over y (checked like grad) with `terms`.
+template <typename param_t>
+at::Tensor launch_statistics_backward(const char* op, const at::Tensor& grad, const at::Tensor& y,
+                                      const StatisticsTerms<param_t>& terms,
+                                      const c10::optional<at::Tensor>& grad_scale) {
+  at::Tensor out = at::empty_like(y, at::MemoryFormat::ChannelsLast);
+  const int64_t channels = y.size(1);
+  const int64_t num_vectors = y.numel() / vector_width(y);
+  constexpr int kThreads = 256;
+  // At least one block, which writes a BN's parameter gradients even for an empty y.
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(
+      (num_vectors + kThreads - 1) / kThreads,
+      int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16));
+  const float count = static_cast<float>(y.numel() / std::max<int64_t>(channels, 1));
+  const size_t shared_bytes = 3 * sizeof(float) * channels;
+  TORCH_CHECK(shared_bytes <= 48 * 1024, op, ": at most 4096 channels, got ", channels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "statistics_backward", [&] {
+    statistics_backward_kernel<scalar_t, param_t><<<static_cast<unsigned>(blocks), kThreads,
+                                                    shared_bytes,
+                                                    at::cuda::getCurrentCUDAStream()>>>(
+        grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), terms,
+        grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr, count,
+        num_vectors, static_cast<int>(channels), out.mutable_data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
 at::Tensor statistics_backward_cuda(const at::Tensor& grad, const at::Tensor& y,
                                     const at::Tensor& mean, const at::Tensor& grad_mean,
                                     const at::Tensor& grad_var,
@@ -444,25 +525,57 @@ at::Tensor statistics_backward_cuda(const at::Tensor& grad, const at::Tensor& y,
   check_channel_vector(op, "grad_var", grad_var, y);
   if (grad_scale.has_value()) check_channel_vector(op, "grad_scale", *grad_scale, y);
   const c10::cuda::CUDAGuard device_guard(y.device());
-  at::Tensor out = at::empty_like(y, at::MemoryFormat::ChannelsLast);
-  if (y.numel() == 0) return out;
-  const int64_t num_vectors = y.numel() / vector_width(y);
-  constexpr int kThreads = 256;
-  const int64_t blocks = std::min<int64_t>(
-      (num_vectors + kThreads - 1) / kThreads,
-      int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16);
-  const float count = static_cast<float>(y.numel() / y.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), op, [&] {
-    statistics_backward_kernel<scalar_t>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-            mean.const_data_ptr<float>(), grad_mean.const_data_ptr<float>(),
-            grad_var.const_data_ptr<float>(),
-            grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr, count,
-            num_vectors, static_cast<int>(y.size(1)), out.mutable_data_ptr<scalar_t>());
+  if (y.numel() == 0) return at::empty_like(y, at::MemoryFormat::ChannelsLast);
+  StatisticsTerms<float> terms;
+  terms.mean = mean.const_data_ptr<float>();
+  terms.grad_mean = grad_mean.const_data_ptr<float>();
+  terms.grad_var = grad_var.const_data_ptr<float>();
+  return launch_statistics_backward(op, grad, y, terms, grad_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_statistics_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& grad_bn_scale,
+    const at::Tensor& grad_bn_shift, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    double eps) {
+  constexpr const char* op = "bn_statistics_backward";
+  check_activation(op, "y", y);
+  check_like(op, "grad", grad, y);
+  check_channel_vector(op, "grad_scale", grad_bn_scale, y);
+  check_channel_vector(op, "grad_shift", grad_bn_shift, y);
+  check_channel_vector(op, "mean", mean, y);
+  check_channel_vector(op, "var", var, y);
+  const at::ScalarType param_type = weight.has_value() ? weight->scalar_type()
+                                    : bias.has_value() ? bias->scalar_type() : at::kFloat;
+  for (const auto& [name, v] : {std::pair<const char*, const c10::optional<at::Tensor>&>{
+                                    "weight", weight}, {"bias", bias}}) {
+    if (!v.has_value()) continue;
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == y.size(1) && v->is_contiguous() &&
+                    v->device() == y.device() && v->scalar_type() == param_type,
+                op, ": ", name, " must be a contiguous vector of y.size(1) = ", y.size(1),
+                " elements on ", y.device(), " in the other parameter's dtype, got ",
+                v->sizes(), ", ", v->scalar_type(), " on ", v->device());
+  }
+  const c10::cuda::CUDAGuard device_guard(y.device());
+  // An absent parameter's gradient: an empty fp32 vector, as bn_scale_shift_backward's.
+  const auto gradient_of = [&](const c10::optional<at::Tensor>& p) {
+    return p.has_value() ? at::empty_like(*p) : at::empty({0}, y.options().dtype(at::kFloat));
+  };
+  at::Tensor grad_weight = gradient_of(weight), grad_bias = gradient_of(bias);
+  at::Tensor grad_y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param_type, op, [&] {
+    StatisticsTerms<scalar_t> terms;
+    terms.mean = mean.const_data_ptr<float>();
+    terms.grad_bn_scale = grad_bn_scale.const_data_ptr<float>();
+    terms.grad_bn_shift = grad_bn_shift.const_data_ptr<float>();
+    terms.var = var.const_data_ptr<float>();
+    terms.weight = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
+    terms.eps = static_cast<float>(eps);
+    terms.grad_weight = weight.has_value() ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
+    terms.grad_bias = bias.has_value() ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+    grad_y = launch_statistics_backward(op, grad, y, terms, c10::nullopt);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return {grad_y, grad_weight, grad_bias};
 }
 
 }  // namespace fused_resnet

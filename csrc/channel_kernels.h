@@ -60,4 +60,15 @@ at::Tensor statistics_backward_cuda(const at::Tensor& grad, const at::Tensor& y,
                                     const at::Tensor& grad_var,
                                     const c10::optional<at::Tensor>& grad_scale);
 
+// statistics_backward_cuda with (grad_mean, grad_var) derived from the gradients of the scale
+// and shift of the training BN y feeds (bn_scale_shift_backward's formula), in the same pass:
+// returns (grad_y, the BN weight's gradient, the BN bias's gradient), the last two in the
+// parameters' dtype (one for both), empty fp32 vectors for absent ones. The statistics and
+// the scale/shift gradients fp32; no weight: 1.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_statistics_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& grad_bn_scale,
+    const at::Tensor& grad_bn_shift, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    double eps);
+
 }  // namespace fused_resnet

@@ -401,6 +401,29 @@ at::Tensor statistics_backward(const at::Tensor& grad, const at::Tensor& y,
                                   optional_float(grad_scale));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_statistics_backward(
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& grad_scale,
+    const at::Tensor& grad_shift, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    double eps) {
+  // The parameters are read and their gradients written in their own dtype when they share
+  // one (a .half() module's, no conversion launch), else in fp32 and converted back.
+  const bool one_type = !(weight.has_value() && bias.has_value()) ||
+                        weight->scalar_type() == bias->scalar_type();
+  const auto parameter = [&](const c10::optional<at::Tensor>& p) -> c10::optional<at::Tensor> {
+    if (!p.has_value()) return c10::nullopt;
+    return one_type ? p->contiguous() : float_vector(*p);
+  };
+  auto [grad_y, grad_weight, grad_bias] = bn_statistics_backward_cuda(
+      nhwc(grad), nhwc(y), float_vector(grad_scale), float_vector(grad_shift),
+      float_vector(mean), float_vector(var), parameter(weight), parameter(bias), eps);
+  if (!one_type) {
+    grad_weight = grad_weight.to(weight->scalar_type());
+    grad_bias = grad_bias.to(bias->scalar_type());
+  }
+  return {grad_y, grad_weight, grad_bias};
+}
+
 }  // namespace fused_resnet
 
 TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
@@ -411,5 +434,6 @@ TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("cuda_channel_stats", &fused_resnet::cuda_channel_stats);
   m.impl("affine_relu_backward", &fused_resnet::affine_relu_backward);
   m.impl("statistics_backward", &fused_resnet::statistics_backward);
+  m.impl("bn_statistics_backward", &fused_resnet::bn_statistics_backward);
   m.impl("add_relu_backward", &fused_resnet::add_relu_backward);
 }

@@ -1,7 +1,7 @@
 // Op schemas of the fused_resnet namespace and the Python module fused_resnet._C.
 //
 // The CUDA kernels register in their own files; the CPU kernels of the cuda_* ops, of
-// affine_relu_backward, add_relu_backward, statistics_backward and of the bn_* ops are
+// affine_relu_backward, add_relu_backward, (bn_)statistics_backward and of the bn_* ops are
 // their plain-PyTorch references, registered from Python (fused_resnet/cuda_ops.py) so the
 // ops can be checked without a GPU.
 //
@@ -107,6 +107,9 @@ TORCH_LIBRARY(fused_resnet, m) {
         "Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor[]");
   m.def("statistics_backward(Tensor grad, Tensor y, Tensor mean, Tensor grad_mean, "
         "Tensor grad_var, Tensor? grad_scale) -> Tensor");
+  m.def("bn_statistics_backward(Tensor grad, Tensor y, Tensor grad_scale, Tensor grad_shift, "
+        "Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
 #ifndef FUSED_RESNET_CPU_ONLY
   // Host arithmetic, no tensors: runs anywhere, a machine without a GPU included.
   m.def("conv_launch_plan(str kernel, int[] problem, int sm_count) -> int[]",

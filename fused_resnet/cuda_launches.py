@@ -296,6 +296,27 @@ def statistics_backward(record: Record, grad, y, mean, grad_mean, grad_var, grad
     return out
 
 
+def bn_statistics_backward(record: Record, grad, y, grad_scale, grad_shift, mean, var, weight,
+                           bias, eps):
+    """conv_ops.cpp ``bn_statistics_backward``: one elementwise pass; block 0 also writes
+    the BN's parameter gradients, in the parameters' dtype when they share one, else in fp32
+    and converted."""
+    grad, y = _nhwc(grad), _nhwc(y)
+    vectors = [_vector(v, torch.float32) for v in (grad_scale, grad_shift, mean, var)]
+    one_type = weight is None or bias is None or weight.dtype == bias.dtype
+    parameters = [None if p is None else (p.contiguous() if one_type else
+                                          _vector(p, torch.float32)) for p in (weight, bias)]
+    out = torch.empty_like(y, memory_format=torch.channels_last)
+    gradients = [mean.new_empty(0, dtype=torch.float32) if p is None else torch.empty_like(p)
+                 for p in parameters]
+    record("statistics_backward_kernel",
+           [t for t in (grad, y, *vectors, parameters[0], out, *gradients)
+            if t is not None and t.numel()])
+    if not one_type:
+        gradients = [g.to(p.dtype) for g, p in zip(gradients, (weight, bias))]
+    return [out, *gradients]
+
+
 def bn_scale_shift_backward(record: Record, grad_scale, grad_shift, mean, var, weight, bias,
                             eps):
     """batch_norm_finalize.cu ``bn_scale_shift_backward_cuda``: computed in the types the
@@ -352,4 +373,5 @@ MODELS: dict[str, Callable] = {
     "bn_update_running_stats": bn_update_running_stats,
     "bn_scale_shift_backward": bn_scale_shift_backward, "bn_train_finalize": bn_train_finalize,
     "statistics_backward": statistics_backward,
+    "bn_statistics_backward": bn_statistics_backward,
 }

@@ -16,8 +16,10 @@ The schemas and the CUDA kernels are registered in C++ (``csrc/``) under the
       the backward of that pass (for one input or for both, a block's shortcut with it) and
       of a BN-ReLU prologue: ReLU mask, input gradients and per-channel reductions in one
       pass;
-  statistics_backward
-      a conv output's gradient through its batch statistics added in one pass;
+  statistics_backward, bn_statistics_backward
+      a conv output's gradient through its batch statistics added in one pass (the second
+      op also derives that gradient's terms from the BN's scale/shift gradients and gives
+      the BN's parameter gradients);
   bn_scale_shift, bn_scale_shift_backward, bn_update_running_stats, bn_train_finalize
       the BatchNorm finalize: batch statistics to scale/shift (differentiable, its
       backward one kernel), the running-statistics update, and a training BN's whole
@@ -153,6 +155,14 @@ def _cuda_conv_bn_train(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _ops().cuda_conv_bn_train(*args)
 
 
+def _bn_statistics_backward(grad: Tensor, y: Tensor, *vectors_and_eps) -> list[Tensor]:
+    """See :func:`fused_resnet.op_reference.bn_statistics_backward` and
+    :func:`_vectorizable`."""
+    if not _vectorizable(y):
+        return op_reference.bn_statistics_backward(grad, y, *vectors_and_eps)
+    return _ops().bn_statistics_backward(grad, y, *vectors_and_eps)
+
+
 def _cuda_conv_dgrad(grad, weight, x, stride, in_scale, in_shift, other=None):
     return _ops().cuda_conv_dgrad(grad, weight, x, stride, in_scale, in_shift, other)
 
@@ -172,8 +182,10 @@ KERNELS = Kernels(conv=cuda_conv, bn_add_relu=_bn_add_relu, channel_stats=cuda_c
                       training=op_support.train_finalize(_bn_train_finalize,
                                                          _bn_scale_shift_backward_op)),
                   conv_sharing_input=op_support.conv_sharing_input(cuda_conv, _conv_backward),
+                  # The BN's backward and the statistics gradient in one pass.
                   conv_bn_train=op_support.conv_bn_train(
-                      _cuda_conv_bn_train, _bn_scale_shift_backward_op, _conv_backward))
+                      _cuda_conv_bn_train, _bn_scale_shift_backward_op, _conv_backward,
+                      _bn_statistics_backward))
 
 
 # --- fakes, CPU kernels, autograd --------------------------------------------------------
@@ -247,6 +259,8 @@ def register_python_parts() -> None:
                                     op_reference.bn_scale_shift_backward),
         "statistics_backward": (op_support.statistics_backward_fake,
                                 op_reference.statistics_backward),
+        "bn_statistics_backward": (op_support.bn_statistics_backward_fake,
+                                   op_reference.bn_statistics_backward),
         "bn_train_finalize": (_bn_train_finalize_fake, op_reference.bn_train_finalize),
     }
     for name, (fake, cpu_kernel) in ops.items():

@@ -155,6 +155,19 @@ def bn_scale_shift_backward(grad_scale: Tensor, grad_shift: Tensor, mean: Tensor
             absent() if bias is None else grad_shift.to(bias.dtype, copy=True)]
 
 
+def bn_statistics_backward(grad: Tensor, y: Tensor, grad_scale: Tensor, grad_shift: Tensor,
+                           mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                           bias: Optional[Tensor], eps: float) -> list[Tensor]:
+    """The gradient of ``y``, whose batch statistics (mean, var) gave the training BN it
+    feeds its ``scale`` and ``shift``, from ``grad`` (dL/dy by other paths) and the
+    gradients of scale and shift: :func:`bn_scale_shift_backward` then
+    :func:`statistics_backward`. Returns [grad_y, grad_weight, grad_bias], the last two as
+    bn_scale_shift_backward gives them."""
+    grad_mean, grad_var, grad_weight, grad_bias = bn_scale_shift_backward(
+        grad_scale, grad_shift, mean, var, weight, bias, eps)
+    return [statistics_backward(grad, y, mean, grad_mean, grad_var), grad_weight, grad_bias]
+
+
 def _output_gradient(grad: Tensor, statistics: tuple) -> Tensor:
     """The gradient of a conv's raw output: ``grad``, plus the term through its batch
     statistics where ``statistics`` = (y, mean, grad_mean, grad_var, grad_scale) is

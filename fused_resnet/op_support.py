@@ -81,6 +81,12 @@ def statistics_backward_fake(grad, y, mean, grad_mean, grad_var, grad_scale):
     return torch.empty_like(y, memory_format=_CHANNELS_LAST)
 
 
+def bn_statistics_backward_fake(grad, y, grad_scale, grad_shift, mean, var, weight, bias, eps):
+    parameters = bn_scale_shift_backward_fake(grad_scale, grad_shift, mean, var, weight, bias,
+                                              eps)[2:]
+    return [statistics_backward_fake(grad, y, mean, None, None, None), *parameters]
+
+
 def channel_stats_fake(x):
     return (x.new_empty(x.shape[1], dtype=statistics_dtype(x)),
             x.new_empty(x.shape[1], dtype=statistics_dtype(x)))
@@ -116,26 +122,28 @@ CONV_SAVED = 7  # tensors conv_setup_context saves for the conv itself
 
 def _epilogue_gradient(ctx, grad_y: Tensor, y: Tensor, mean: Tensor, out_scale,
                        grad_mean, grad_var, backward_ops_take_statistics: bool,
-                       statistics_backward: Optional[Callable]) -> tuple[Tensor, tuple, Tensor]:
+                       statistics_backward: Optional[Callable],
+                       statistics: bool) -> tuple[Tensor, tuple, Tensor]:
     """(the gradient dgrad and wgrad read, channels_last in x's dtype; the statistics
     arguments they add to it, (y, mean, grad_mean, grad_var) or (); dL/d residual).
+    ``statistics``: whether the term through y's batch statistics is still to be added.
 
     The blocks' training convs have either statistics or a residual, no other epilogue:
     with backward ops that add the statistics term themselves neither costs a pass; else
     the statistics term is one pass of the backend's ``statistics_backward`` op. Other
     epilogues (ReLU, scale), or no such op, take the fp32 formula."""
     if not ctx.out_relu and out_scale is None:
-        if ctx.statistics and (backward_ops_take_statistics or statistics_backward):
+        if statistics and (backward_ops_take_statistics or statistics_backward):
             grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
             grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
             if backward_ops_take_statistics:
                 return grad_y, (y, mean, grad_mean, grad_var), None
             return statistics_backward(grad_y, y, mean, grad_mean, grad_var, None), (), None
-        if not ctx.statistics:
+        if not statistics:
             grad = channels_last(grad_y.to(y.dtype))
             return grad, (), (grad if ctx.has_residual else None)
     grad = grad_y.to(statistics_dtype(grad_y))
-    if ctx.statistics:
+    if statistics:
         grad = grad + _statistics_gradient(y, mean, grad_mean, grad_var)
     if ctx.out_relu:
         grad = grad.where(y > 0, 0.0)
@@ -157,9 +165,10 @@ def conv_backward(dgrad: Callable, wgrad: Callable,
     :func:`fused_resnet.op_reference.statistics_backward`) in one pass where there is one. ``other``: a gradient of x from another consumer, which dgrad adds
     to its result (its ``other`` argument). For a Function running the op with inputs
     and saved tensors of its own: ``needs_input_grad``, which of the op's inputs need a
-    gradient, and ``saved``, its ``ctx.saved_tensors`` (which may be unpacked only once)."""
+    gradient, and ``saved``, its ``ctx.saved_tensors`` (which may be unpacked only once);
+    ``statistics_added``: grad_y already holds the term through the batch statistics."""
     def backward(ctx, grad_y, grad_mean, grad_var, other=None, needs_input_grad=None,
-                 saved=None):
+                 saved=None, statistics_added=False):
         needs = needs_input_grad or ctx.needs_input_grad
         saved = ctx.saved_tensors if saved is None else saved
         x, weight, in_scale, in_shift, out_scale, y, mean = saved[:CONV_SAVED]
@@ -169,7 +178,7 @@ def conv_backward(dgrad: Callable, wgrad: Callable,
                                "gradient is needed (fused_resnet's blocks do)")
         grad, statistics, grad_residual = _epilogue_gradient(
             ctx, grad_y, y, mean, out_scale, grad_mean, grad_var, backward_ops_take_statistics,
-            statistics_backward)
+            statistics_backward, ctx.statistics and not statistics_added)
         grad_x = grad_weight = grad_in_scale = grad_in_shift = None
         if needs[0] or needs[3] or needs[4]:
             grad_x, grad_in_scale, grad_in_shift = dgrad(
@@ -223,19 +232,27 @@ def scale_shift_gradients(backward_op: Callable, grad_scale, grad_shift, mean, v
     """(grad_mean, grad_var, grad_weight, grad_bias) of a BN's (scale, shift) through a
     backend's ``bn_scale_shift_backward`` op, given the gradients autograd delivers for
     them (None: zero); None for an absent weight or bias."""
-    def given(grad):
-        return torch.zeros_like(mean, dtype=statistics_dtype(mean)) if grad is None else grad
-    return parameter_gradients(backward_op(given(grad_scale), given(grad_shift), mean, var,
+    return parameter_gradients(backward_op(*_given(mean, grad_scale, grad_shift), mean, var,
                                            weight, bias, eps), weight, bias)
+
+
+def _given(mean: Tensor, *grads: Optional[Tensor]) -> list[Tensor]:
+    """The gradients autograd delivers for a BN's scale and shift, zeros for None."""
+    return [torch.zeros_like(mean, dtype=statistics_dtype(mean)) if grad is None else grad
+            for grad in grads]
+
+
+def _present(grad: Tensor, parameter: Optional[Tensor]) -> Optional[Tensor]:
+    """A BN parameter's gradient as autograd takes it: None for an absent parameter (the
+    ops give an empty vector)."""
+    return None if parameter is None else grad
 
 
 def parameter_gradients(grads, weight, bias) -> tuple:
     """A ``bn_scale_shift_backward`` op's [grad_mean, grad_var, grad_weight, grad_bias] as
-    autograd takes them: None for an absent weight or bias (the op gives an empty
-    vector)."""
+    autograd takes them (:func:`_present`)."""
     grad_mean, grad_var, grad_weight, grad_bias = grads
-    return (grad_mean, grad_var, None if weight is None else grad_weight,
-            None if bias is None else grad_bias)
+    return grad_mean, grad_var, _present(grad_weight, weight), _present(grad_bias, bias)
 
 
 def bn_scale_shift_backward(backward_op: Callable) -> Callable:
@@ -288,13 +305,17 @@ def conv_bn_train_fake(x, weight, stride, in_scale, in_shift, bn_weight, bn_bias
 
 
 def conv_bn_train(conv_bn_train_op: Callable, scale_shift_backward_op: Callable,
-                  conv_backward: Callable) -> Callable:
+                  conv_backward: Callable,
+                  bn_statistics_backward_op: Optional[Callable] = None) -> Callable:
     """``Kernels.conv_bn_train`` from a backend's ``<backend>_conv_bn_train`` op (the conv
     with statistics, then the finalize of the training BN it feeds, which merges the conv's
     partial statistics itself: (x, weight, stride, in_scale, in_shift, *bn_arguments) ->
     (y, mean, var, scale, shift), mutating the running statistics), its
     ``bn_scale_shift_backward`` op and its conv's backward (:func:`conv_backward`, with a
-    dgrad that takes ``other``).
+    dgrad that takes ``other``). With ``bn_statistics_backward_op`` (the signature of
+    :func:`fused_resnet.op_reference.bn_statistics_backward`) the BN's backward and the
+    gradient through the conv output's statistics are that one op, before the conv's dgrad
+    and wgrad read the gradient.
 
     Returns ``(x, weight, stride, in_scale, in_shift, bn, share_input) -> (y, (scale,
     shift), x for its other consumer)``: with ``share_input`` a view of x whose gradient the
@@ -318,13 +339,23 @@ def conv_bn_train(conv_bn_train_op: Callable, scale_shift_backward_op: Callable,
         @staticmethod
         def backward(ctx, grad_y, grad_scale, grad_shift, grad_shared=None):
             saved = ctx.saved_tensors
-            mean, var, bn_weight, bn_bias = saved[CONV_SAVED - 1:]
-            grad_mean, grad_var, grad_bn_weight, grad_bn_bias = scale_shift_gradients(
-                scale_shift_backward_op, grad_scale, grad_shift, mean, var, bn_weight,
-                bn_bias, ctx.eps)
-            conv_grads = conv_backward(ctx, grad_y, grad_mean, grad_var, grad_shared,
-                                       needs_input_grad=ctx.needs_input_grad[:5] + (False,) * 5,
-                                       saved=saved)
+            y, mean, var, bn_weight, bn_bias = saved[CONV_SAVED - 2:]
+            needs = ctx.needs_input_grad[:5] + (False,) * 5
+            if bn_statistics_backward_op is None:
+                grad_mean, grad_var, grad_bn_weight, grad_bn_bias = scale_shift_gradients(
+                    scale_shift_backward_op, grad_scale, grad_shift, mean, var, bn_weight,
+                    bn_bias, ctx.eps)
+                conv_grads = conv_backward(ctx, grad_y, grad_mean, grad_var, grad_shared,
+                                           needs_input_grad=needs, saved=saved)
+            else:
+                grad_y, grad_bn_weight, grad_bn_bias = bn_statistics_backward_op(
+                    grad_y, y, *_given(mean, grad_scale, grad_shift), mean, var, bn_weight,
+                    bn_bias, ctx.eps)
+                grad_bn_weight = _present(grad_bn_weight, bn_weight)
+                grad_bn_bias = _present(grad_bn_bias, bn_bias)
+                conv_grads = conv_backward(ctx, grad_y, None, None, grad_shared,
+                                           needs_input_grad=needs, saved=saved,
+                                           statistics_added=True)
             return (*conv_grads[:5], grad_bn_weight, grad_bn_bias) + (None,) * 6
 
     def conv_feeding_bn(x, weight, stride, in_scale, in_shift, bn, share_input):

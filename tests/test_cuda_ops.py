@@ -142,6 +142,16 @@ def test_bn_scale_shift_backward_passes_opcheck_and_is_the_finalize_gradient(aff
     assert all(g.numel() == 0 for g in got[len(inputs):])
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_statistics_backward_passes_opcheck_on_its_cpu_kernel(affine):
+    mean, var, weight, bias = _finalize_arguments("cpu")
+    grad, y = (torch.randn(3, 16, 4, 5, dtype=torch.float64) for _ in range(2))
+    grads = [torch.randn(16, dtype=torch.float64) for _ in range(2)]
+    parameters = (weight, bias) if affine else (None, None)
+    torch.library.opcheck(torch.ops.fused_resnet.bn_statistics_backward.default,
+                          (grad, y, *grads, mean, var, *parameters, 1e-5))
+
+
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_bn_train_finalize_passes_opcheck_and_updates_as_batch_norm(momentum):
     mean, var, weight, bias = _finalize_arguments("cpu")
@@ -621,6 +631,30 @@ def test_cuda_bn_train_finalize_matches_reference(momentum, running_dtype):
                                               momentum, 9)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(states[0], states[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("affine", [True, False])
+def test_cuda_bn_statistics_backward_is_its_two_ops_in_one_pass(affine, poisoned_cuda_memory):
+    # bn_scale_shift_backward, then statistics_backward, on a y of mean 1000 per channel
+    # (y - mean taken in fp32 per element in both): the same formulas, one pass.
+    y = (torch.randn(3, 24, 7, 5, device="cuda") + 1000).to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    grad = torch.randn_like(y)
+    mean, var = reference.batch_statistics(y.float())
+    weight, bias = ((torch.rand(24, device="cuda") + 0.5, torch.randn(24, device="cuda"))
+                    if affine else (None, None))
+    grads = [torch.randn(24, device="cuda") for _ in range(2)]
+    fused = torch.ops.fused_resnet.bn_statistics_backward(grad, y, *grads, mean, var, weight,
+                                                          bias, 1e-5)
+    grad_mean, grad_var, grad_weight, grad_bias = torch.ops.fused_resnet.bn_scale_shift_backward(
+        *grads, mean, var, weight, bias, 1e-5)
+    expected = [cuda_ops.statistics_backward(grad, y, mean, grad_mean, grad_var), grad_weight,
+                grad_bias]
+    # The same fp32 formulas in both; the compiler may contract them into FMAs differently,
+    # so the results may differ by rounding: within an ulp of bf16, fp32 ulps for the rest.
+    torch.testing.assert_close(fused[0], expected[0], rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(fused[1:], expected[1:], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -122,7 +122,7 @@ def _ratio(counts, backend, mode, key):
 
 # Ceilings: the plans' ratios to eager as counted at this commit, rounded up. A change
 # that adds traffic fails here; lower a ceiling when the plan improves.
-CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 1.3},
+CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 1.175},
             ("train", "bytes"): {"triton": 0.795, "cuda": 0.916},
             ("train", "saved_bytes"): {"triton": 0.78, "cuda": 0.85},
             ("eval", "launches"): {"triton": 0.63, "cuda": 0.935},
@@ -132,9 +132,9 @@ CEILINGS = {("train", "launches"): {"triton": 0.975, "cuda": 1.3},
 TARGETS = {("train", "launches"): 1.0, ("train", "bytes"): 0.8,
            ("train", "saved_bytes"): 0.85, ("eval", "launches"): 1.0, ("eval", "bytes"): 0.5}
 NOT_MET = {
-    ("cuda", "train", "launches"): "about 10 launches per conv + BN: the conv and its "
+    ("cuda", "train", "launches"): "about 9 launches per conv + BN: the conv and its "
     "statistics' merge with the finalize, the prologue vectors converted for fprop and "
-    "wgrad, the finalize's backward, the statistics gradient, dgrad and its sums' merge, "
+    "wgrad, the BN's backward with the statistics gradient, dgrad and its sums' merge, "
     "wgrad and its split-K reduction; the triton plan takes the statistics gradient and "
     "the BN scale into its dgrad and wgrad loads, and merges the backward sums in the "
     "finalize's backward",
