@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "batch_norm_finalize.h"
+#include "batch_norm_gradients.cuh"
 #include "channel_states.cuh"
 
 namespace fused_resnet {
@@ -48,10 +49,9 @@ namespace {
 
 constexpr int kThreads = 128;
 
-// Statistics and parameters are read in their own dtypes (a .half() or .bfloat16()
-// module's running statistics and affine parameters), so that no conversion launches
-// before this one.
-// scale[c] and shift[c] from channel c's statistics and parameters.
+// scale[c] and shift[c] from channel c's statistics and parameters. Statistics and
+// parameters are read in their own dtypes (a .half() or .bfloat16() module's running
+// statistics and affine parameters), so that no conversion launches before this one.
 template <typename stat_t, typename param_t>
 __device__ void store_scale_shift(int c, const stat_t* __restrict__ mean,
                                   const stat_t* __restrict__ var,
@@ -243,14 +243,13 @@ __global__ void bn_scale_shift_backward_kernel(
     param_t* __restrict__ grad_bias) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  const float rstd = rsqrtf(static_cast<float>(var[c]) + eps);
-  const float w = weight != nullptr ? static_cast<float>(weight[c]) : 1.f;
-  // d(loss)/d(scale) with the part that reaches scale through shift = bias - mean * scale.
-  const float through_scale = grad_scale[c] - grad_shift[c] * static_cast<float>(mean[c]);
-  grad_mean[c] = static_cast<stat_t>(-grad_shift[c] * w * rstd);
-  grad_var[c] = static_cast<stat_t>(through_scale * w * -0.5f * rstd * rstd * rstd);
-  if (grad_weight != nullptr) grad_weight[c] = static_cast<param_t>(through_scale * rstd);
-  if (grad_bias != nullptr) grad_bias[c] = static_cast<param_t>(grad_shift[c]);
+  const ScaleShiftGradients g = scale_shift_gradients(
+      grad_scale[c], grad_shift[c], static_cast<float>(mean[c]), static_cast<float>(var[c]),
+      weight != nullptr ? static_cast<float>(weight[c]) : 1.f, eps);
+  grad_mean[c] = static_cast<stat_t>(g.mean);
+  grad_var[c] = static_cast<stat_t>(g.var);
+  if (grad_weight != nullptr) grad_weight[c] = static_cast<param_t>(g.weight);
+  if (grad_bias != nullptr) grad_bias[c] = static_cast<param_t>(g.bias);
 }
 
 // out[i] = weight[i] * scale[i / per_filter]: KRSC filters, one filter per output channel.

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <limits>
 
+#include "batch_norm_gradients.cuh"
 #include "channel_states.cuh"
 
 namespace fused_resnet {
@@ -29,6 +30,11 @@ constexpr int kVectorBytes = 16;
 constexpr int kVectorsPerBlock = 8;  // blockDim.x
 constexpr int kRowLanes = 32;        // blockDim.y
 const dim3 kMergeThreads(kMergeChannels, kMergeLanes);  // stage 2
+
+// Stage 2's blocks for `channels` channels.
+int merge_blocks(int64_t channels) {
+  return static_cast<int>((channels + kMergeChannels - 1) / kMergeChannels);
+}
 
 template <typename T>
 struct alignas(kVectorBytes) Vector {
@@ -178,11 +184,9 @@ __global__ void sums_finish_kernel(const Sums* __restrict__ partials, int64_t ro
 
 // The per-channel terms of a conv output's gradient through its batch statistics: given
 // (grad_mean, grad_var), or derived from the gradients of the scale and shift of the training
-// BN the output feeds (bn_scale_shift_backward's formula: with rstd = (var + eps)^(-1/2) and w
-// the BN weight, grad_mean = -grad_shift w rstd, grad_var = -(grad_scale - grad_shift mean)
-// w rstd^3 / 2), when the BN weight's and bias's gradients are written too.
-// The BN's parameters and their gradients are in their own dtype, param_t (a .half()
-// module's), so that no conversion launches around the kernel.
+// BN the output feeds (batch_norm_gradients.cuh), when the BN weight's and bias's gradients
+// are written too. The BN's parameters and their gradients are in their own dtype, param_t
+// (a .half() module's), so that no conversion launches around the kernel.
 template <typename param_t>
 struct StatisticsTerms {
   const float* mean;
@@ -199,15 +203,12 @@ struct StatisticsTerms {
   // (grad_mean, grad_var) of channel c; `parameters`: write the BN's parameter gradients.
   __device__ float2 of(int c, bool parameters) const {
     if (grad_mean != nullptr) return {grad_mean[c], grad_var[c]};
-    const float rstd = rsqrtf(var[c] + eps);
-    const float w = weight != nullptr ? static_cast<float>(weight[c]) : 1.f;
-    // d(loss)/d(scale) with the part that reaches scale through shift = bias - mean * scale.
-    const float through_scale = grad_bn_scale[c] - grad_bn_shift[c] * mean[c];
-    if (parameters && grad_weight != nullptr) {
-      grad_weight[c] = static_cast<param_t>(through_scale * rstd);
-    }
-    if (parameters && grad_bias != nullptr) grad_bias[c] = static_cast<param_t>(grad_bn_shift[c]);
-    return {-grad_bn_shift[c] * w * rstd, through_scale * w * -0.5f * rstd * rstd * rstd};
+    const ScaleShiftGradients g = scale_shift_gradients(
+        grad_bn_scale[c], grad_bn_shift[c], mean[c], var[c],
+        weight != nullptr ? static_cast<float>(weight[c]) : 1.f, eps);
+    if (parameters && grad_weight != nullptr) grad_weight[c] = static_cast<param_t>(g.weight);
+    if (parameters && grad_bias != nullptr) grad_bias[c] = static_cast<param_t>(g.bias);
+    return {g.mean, g.var};
   }
 };
 
@@ -257,7 +258,6 @@ struct Grid {
   int channels;
   dim3 blocks;
   dim3 threads{kVectorsPerBlock, kRowLanes};
-  int finish_blocks;
 };
 
 Grid grid_for(const at::Tensor& x, int width) {
@@ -272,7 +272,6 @@ Grid grid_for(const at::Tensor& x, int width) {
   const int64_t row_blocks = std::min<int64_t>(std::max<int64_t>(wanted, 1),
                                                (grid.rows + kRowLanes - 1) / kRowLanes);
   grid.blocks = dim3(static_cast<unsigned>(std::max<int64_t>(row_blocks, 1)), channel_blocks);
-  grid.finish_blocks = (grid.channels + kMergeChannels - 1) / kMergeChannels;
   return grid;
 }
 
@@ -356,10 +355,6 @@ int64_t partial_rows(const char* op, const at::Tensor& partials, int64_t channel
               " channels on a GPU, got ", partials.sizes(), ", ", partials.scalar_type(), ", ",
               partials.device());
   return partials.numel() / (channels * 3);
-}
-
-int merge_blocks(int64_t channels) {
-  return static_cast<int>((channels + kMergeChannels - 1) / kMergeChannels);
 }
 
 }  // namespace
@@ -454,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_af
                          : launch(affine_relu_backward_kernel<scalar_t, false>);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sums_finish_kernel<<<grid.finish_blocks, kMergeThreads, 0, stream>>>(
+  sums_finish_kernel<<<merge_blocks(grid.channels), kMergeThreads, 0, stream>>>(
       states, grid.blocks.x, grid.channels, sum.mutable_data_ptr<float>(),
       dot.mutable_data_ptr<float>(),
       residual.has_value() ? dot_residual.mutable_data_ptr<float>() : nullptr);

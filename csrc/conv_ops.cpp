@@ -167,10 +167,6 @@ at::Tensor empty_statistics(const at::Tensor& x) {
 
 bool is_half(const at::Tensor& x) { return x.scalar_type() == at::kHalf; }
 
-}  // namespace
-
-namespace {
-
 // The forward conv of cuda_conv and cuda_conv_bn_train: (y, the epilogue's statistics
 // partials, fp32 [grid_m, K] Welford states, undefined unless `statistics`). An empty output
 // launches nothing and has empty partials.

@@ -177,31 +177,28 @@ def cuda_conv_dgrad(record: Record, grad, weight, x, stride, in_scale, in_shift,
     """conv_ops.cpp ``cuda_conv_dgrad``: CUTLASS dgrad, adding ``other`` in its epilogue
     when there is no prologue; through a prologue at stride 1 its epilogue applies the
     prologue's backward and writes per-row-tile sums, which one kernel merges; at stride 2
-    the prologue's backward is a pass after it; ``other`` after a prologue is added last."""
+    (or for an empty x) the prologue's backward is a pass after it; ``other`` after a
+    prologue is added last."""
     grad, weight, x = _nhwc(grad), _nhwc(weight), _nhwc(x)
     grad_input = torch.empty_like(x, memory_format=torch.channels_last)
-    prologue = in_scale is not None
-    vectors = [_vector(v, torch.float32) for v in (in_scale, in_shift)] if prologue else []
-    if not grad_input.numel() or (prologue and stride != 1):
+    if in_scale is None:
         if grad_input.numel():
-            record("cutlass_dgrad", [grad, weight, grad_input])
-        if not prologue:
-            empty = x.new_empty(0, dtype=torch.float32)
-            return grad_input, empty, torch.empty_like(empty)
-        grad_x, *sums = _masked_affine_backward(record, grad_input, x, *vectors, None)
-    elif not prologue:
-        source = None if other is None else _nhwc(other)
-        record("cutlass_dgrad", [t for t in (grad, weight, source, grad_input)
-                                 if t is not None])
+            record("cutlass_dgrad", [t for t in (grad, weight, _nhwc(other), grad_input)
+                                     if t is not None])
         empty = x.new_empty(0, dtype=torch.float32)
         return grad_input, empty, torch.empty_like(empty)
-    else:
+    vectors = [_vector(v, torch.float32) for v in (in_scale, in_shift)]
+    if grad_input.numel() and stride == 1:
         grid_m = _plan("dgrad_prologue", x, weight, stride)[3]
         partials = x.new_empty(grid_m * x.shape[1] * 3, dtype=torch.float32)
         record("cutlass_dgrad", [grad, weight, x, *vectors, grad_input, partials])
         grad_x = grad_input
         sums = [x.new_empty(x.shape[1], dtype=torch.float32) for _ in range(2)]  # dot, sum
         record("sums_finish_kernel", [partials, *sums])
+    else:
+        if grad_input.numel():
+            record("cutlass_dgrad", [grad, weight, grad_input])
+        grad_x, *sums = _masked_affine_backward(record, grad_input, x, *vectors, None)
     if other is not None:
         grad_x.add_(other)
     return (grad_x, *sums)
